@@ -1,0 +1,405 @@
+"""eval.py: Avg@k and Pass@k of one or more checkpoints on math benchmarks, as one table.
+
+The paper's protocol (PAPER.md, "Evaluation protocol"): for each problem draw k samples (k = 32,
+temperature 0.6, top_p 0.95), score each with the training verifier (verify.py), and report per
+benchmark
+    Avg@k  = mean over problems of c / n                      (mean accuracy of the samples)
+    Pass@k = mean over problems of 1 - C(n - c, k) / C(n, k)  (unbiased; n samples, c correct)
+and their plain average over the benchmarks. Sampling goes through the same sampler as training
+(rollout.py: vLLM when importable, HF generate otherwise) with the training prompt (data.py).
+
+Run it
+  laptop, the embedded default: the tiny model before (.cache/tiny-arith) and after RL (the latest
+  checkpoint of runs/default) on the synthetic held-out arithmetic set; run `python train.py` first
+      python eval.py
+  checkpoints or run folders (a run folder means its latest checkpoint) on benchmark files, one GPU
+      python eval.py --model runs/maspo runs/grpo --benchmarks aime24.jsonl math500.jsonl --max-tokens 8192
+  training curves of several runs overlaid (PNG; needs matplotlib)
+      python eval.py --plot runs/maspo runs/grpo --out curves.png
+  N GPUs: one process per benchmark (CUDA_VISIBLE_DEVICES=i python eval.py ... --out out/i).
+Writes to --out: results.md (the table), results.json (the same numbers), and per model one JSONL
+per benchmark with every problem's samples, extracted answers and rewards (to read the failures).
+
+Several checkpoints in one call share one sampler: when a checkpoint has the same architecture
+and vocabulary as the previous one, its weights are pushed into the live engine
+(`sampler.load_weights`, as training does after each step); otherwise the engine is released and
+a new one made. This keeps a single vLLM engine alive per process (what vLLM's CPU build needs).
+"""
+import dataclasses
+import gc
+import glob
+import inspect
+import json
+import math
+import os
+import re
+from argparse import ArgumentParser, ArgumentDefaultsHelpFormatter
+from dataclasses import dataclass, field
+
+import data
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class EvalConfig:
+    model: list = field(default_factory=list)  # checkpoint folders, run folders (their latest checkpoint) or hub names; none = the embedded default
+    names: list = field(default_factory=list)  # row labels of the table, one per --model (none = from the paths)
+    benchmarks: list = field(default_factory=list)  # JSONL / JSON / parquet files or hub names ("org/name:split"); none = the synthetic held-out set
+    prompt_key: str = ""  # field holding the question ("" = try problem, question, prompt, ...)
+    answer_key: str = ""  # field holding the reference answer ("" = try answer, final_answer, solution's \boxed{})
+    limit: int = 0  # at most N problems per benchmark (0 = all)
+    k: int = 32  # k of Avg@k / Pass@k
+    n: int = 0  # samples per problem (0 = k); n > k gives Pass@k a lower variance (unbiased estimator)
+    temperature: float = 0.6  # sampling temperature (0 = greedy)
+    top_p: float = 0.95  # nucleus sampling
+    max_tokens: int = 0  # response limit in tokens; 0 = the training run's limit when known (its config.json), else 1024
+    instruction: str = "auto"  # appended to each question; auto = as in training (none for the embedded tiny model)
+    out: str = "out/eval"  # output folder (with --plot: a .png file, or a folder for curves.png)
+    backend: str = "auto"  # sampler: auto (vLLM if importable) | vllm | hf
+    dtype: str = "auto"  # sampler weights: auto = bfloat16 on GPU, float32 on CPU
+    gpu_memory_utilization: float = 0.5  # share of GPU memory for vLLM
+    workers: int = 0  # verifier processes (0 = verify.py's default)
+    seed: int = 0  # sampling seed (the same for every model, so runs compare on equal terms)
+    plot: list = field(default_factory=list)  # run folders: draw their training curves (metrics.jsonl) instead of evaluating
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+def pass_at_k(n, c, k):
+    """Unbiased Pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k).
+    Exact integer binomials, one rounding at the final division: stable for any n (1024 and more)."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    total = math.comb(n, k)
+    return (total - math.comb(n - c, k)) / total  # Eq.: 1 - C(n-c, k) / C(n, k)
+
+
+def scores(counts, n, k):
+    """Avg@k and Pass@k of one benchmark from its per-problem correct counts (n samples each)."""
+    if not counts:
+        raise ValueError("scores: no problems")
+    return {"avg": sum(c / n for c in counts) / len(counts),  # Eq.: mean_i c_i / n
+            "pass": sum(pass_at_k(n, c, k) for c in counts) / len(counts)}  # Eq.: mean_i pass@k(n, c_i)
+
+
+def macro_average(per_benchmark):
+    """Plain mean of Avg@k and Pass@k over benchmarks (each benchmark weighs the same, as in the paper)."""
+    rows = list(per_benchmark.values())
+    return {key: sum(r[key] for r in rows) / len(rows) for key in ("avg", "pass")}
+
+
+def evaluate(sampler, tokenizer, problems, k=32, temperature=0.6, top_p=0.95, max_tokens=1024,
+             instruction=data.INSTRUCTION, seed=0, progress=True, n=None, workers=None, stop_token_ids=None):
+    """Sample n (default k) completions per problem, verify them, and return {"avg", "pass", "n"
+    (problems), "k", "samples" (per problem), "truncated", "no_answer", "response_len",
+    "verify_timeouts", "results": one dict per problem}. Stops at stop_token_ids (default: the
+    tokenizer's EOS); temperature 0 is greedy."""
+    import verify
+    n = n or k
+    if not problems:  # e.g. a rank's empty shard in train.py: nothing to score
+        return {"avg": float("nan"), "pass": float("nan"), "n": 0, "k": k, "samples": n, "truncated": 0.0,
+                "no_answer": 0.0, "response_len": 0.0, "verify_timeouts": 0, "results": []}
+    prompts = [data.prompt_ids(tokenizer, p["question"], instruction) for p in problems]
+    draws = 1 if temperature == 0 else n  # greedy: one completion per problem stands for all n (vLLM wants n = 1)
+    groups = sampler.generate(prompts, n=draws, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                              seed=seed, stop_token_ids=stop_token_ids, progress=progress)
+    groups = [group * (n // draws) for group in groups]  # (problems, n)
+    texts = [s.text for group in groups for s in group]  # n per problem, in problem order
+    golds = [p["answer"] for p in problems for _ in range(n)]
+    rewards, timeouts = verify.reward_batch(texts, golds, workers=workers or None)
+    results = []
+    for i, (p, group) in enumerate(zip(problems, groups)):
+        r = rewards[i * n:(i + 1) * n]
+        correct = sum(x > 0.5 for x in r)  # rewards are 0/1
+        results.append({"question": p["question"], "answer": p["answer"], "where": p.get("where"),
+                        "correct": correct, "pass": pass_at_k(n, correct, k), "rewards": r,
+                        "extracted": [verify.extract_answer(s.text) for s in group],
+                        "samples": [s.text for s in group],
+                        "finish_reasons": [s.finish_reason for s in group],
+                        "lengths": [len(s.completion_ids) for s in group]})
+    flat = [s for group in groups for s in group]
+    return {**scores([r["correct"] for r in results], n, k), "n": len(problems), "k": k, "samples": n,
+            "truncated": sum(s.finish_reason == "length" for s in flat) / len(flat),
+            "no_answer": sum(e is None for r in results for e in r["extracted"]) / len(flat),
+            "response_len": sum(len(s.completion_ids) for s in flat) / len(flat),
+            "verify_timeouts": timeouts, "results": results}
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+def markdown_table(rows, benchmarks, k):
+    """rows: [{"name", "benchmarks": {bench: {"avg", "pass"}}, "average": {"avg", "pass"}}] ->
+    a markdown table, one row per model, cells "Avg@k / Pass@k" in percent."""
+    cell = lambda s: f"{100 * s['avg']:.1f} / {100 * s['pass']:.1f}"
+    lines = [f"| model (Avg@{k} / Pass@{k}, %) | " + " | ".join(benchmarks) + " | average |",
+             "|---" * (len(benchmarks) + 2) + "|"]
+    for row in rows:
+        lines.append(f"| {row['name']} | " + " | ".join(cell(row["benchmarks"][b]) for b in benchmarks)
+                     + f" | {cell(row['average'])} |")
+    return "\n".join(lines)
+
+
+def write_results(out, rows, benchmarks, settings):
+    """results.md, results.json and per-problem JSONL files under `out`; returns the table."""
+    os.makedirs(out, exist_ok=True)
+    table = markdown_table(rows, benchmarks, settings["k"])
+    caption = (f"Avg@{settings['k']} / Pass@{settings['k']} ({settings['samples']} samples per problem, "
+               f"temperature {settings['temperature']}, top_p {settings['top_p']}, {settings['max_tokens']} max tokens)")
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(caption + "\n\n" + table + "\n")
+    summary = [{**{k: v for k, v in row.items() if k != "details"},
+                "benchmarks": {b: {k: v for k, v in s.items() if k != "results"} for b, s in row["details"].items()}}
+               for row in rows]
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"settings": settings, "runs": summary}, f, indent=2)
+    for row in rows:
+        folder = os.path.join(out, safe_name(row["name"]))
+        os.makedirs(folder, exist_ok=True)
+        for bench, res in row["details"].items():
+            with open(os.path.join(folder, f"{safe_name(bench)}.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in res["results"])
+    return table
+
+
+def safe_name(name):
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("_") or "model"
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and benchmarks
+def resolve_model(path):
+    """A run folder (holding checkpoints/) -> its latest complete checkpoint; anything else unchanged."""
+    root = os.path.join(path, "checkpoints")
+    if not os.path.isdir(root):
+        return path
+    latest = os.path.join(root, "latest")
+    if os.path.isdir(latest):  # a symlink to the newest checkpoint
+        return os.path.realpath(latest)
+    steps = sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d+", d)
+                   and glob.glob(os.path.join(root, d, "*.safetensors")))
+    if not steps:
+        raise SystemExit(f"{path}: a run folder with no complete checkpoint under {root}")
+    return os.path.join(root, steps[-1])
+
+
+def run_config(path):
+    """The training run's config.json (train.py's, recognised by its 'instruction' key) of a run
+    folder or of a checkpoint inside one; {} when there is none. The embedded tiny model's cache
+    (train.py's warm start, marked by warm_start.json) counts as trained with the embedded default."""
+    if os.path.isfile(os.path.join(path, "warm_start.json")):
+        return {"instruction": "auto", "model": ""}
+    for folder in (path, os.path.dirname(os.path.dirname(os.path.abspath(path)))):
+        file = os.path.join(folder, "config.json")
+        if os.path.isfile(file):
+            with open(file) as f:
+                cfg = json.load(f)
+            if isinstance(cfg, dict) and "instruction" in cfg:
+                return cfg
+    return {}
+
+
+def label_of(path):
+    """A short row label: "run/step_000060" for a checkpoint in a run, else the folder or hub name."""
+    parts = os.path.normpath(path).split(os.sep)
+    if len(parts) >= 3 and parts[-2] == "checkpoints":
+        return f"{parts[-3]}/{parts[-1]}"
+    return parts[-1]
+
+
+def embedded_default():
+    """[(label, path, training config)] of the embedded tiny model before and after `python train.py`."""
+    from train import Config  # the embedded default's sampling settings, from their single source
+    before = os.path.join(HERE, ".cache", "tiny-arith")
+    run = os.path.join(HERE, "runs", "default")
+    trained = {"instruction": "auto", "model": "", "max_response_tokens": Config().max_response_tokens,
+               **run_config(run)}
+    models = [("tiny (before RL)", before, trained)] if os.path.isdir(before) else []
+    if glob.glob(os.path.join(run, "checkpoints", "step_*", "*.safetensors")):
+        models.append(("tiny (after RL)", resolve_model(run), trained))
+    if not models:
+        raise SystemExit("eval.py: no embedded model yet. Run `python train.py` first (it builds the tiny model in "
+                         ".cache/tiny-arith and trains it into runs/default), or name models with --model.")
+    return models
+
+
+def load_benchmarks(cfg):
+    """{name: problems}; names are file stems (aime24, math500, ...) or the hub name's last part."""
+    if not cfg.benchmarks:
+        problems = data.arithmetic_problems("test")
+        return {"arith-test": problems[:cfg.limit] if cfg.limit else problems}
+    suites = {}
+    for source in cfg.benchmarks:
+        stem = os.path.splitext(os.path.basename(source if os.path.exists(source) else source.split(":")[0]))[0]
+        name, i = stem, 1
+        while name in suites:  # the same stem twice: aime24, aime24_2
+            i += 1
+            name = f"{stem}_{i}"
+        suites[name] = data.load_problems(source, cfg.prompt_key or None, cfg.answer_key or None, cfg.limit or None)
+    return suites
+
+
+def instruction_for(cfg, train_cfg):
+    """The instruction the model was trained with: none for the embedded tiny model, else data.INSTRUCTION."""
+    chosen = cfg.instruction if cfg.instruction != "auto" else train_cfg.get("instruction", "auto")
+    if chosen == "auto":
+        return "" if train_cfg.get("model", None) == "" else data.INSTRUCTION
+    return chosen
+
+
+def same_architecture(a, b):
+    """True when both model folders hold the same config.json up to names and versions (a hub name,
+    with no local config to compare, never matches)."""
+    def config(path):
+        file = os.path.join(path, "config.json")
+        if not os.path.isfile(file):
+            return None
+        with open(file) as f:
+            cfg = json.load(f)
+        return {k: v for k, v in cfg.items() if k not in ("_name_or_path", "transformers_version", "architectures")}
+    ca = config(a)
+    return ca is not None and ca == config(b)
+
+
+def checkpoint_weights(path):
+    """(name, tensor) pairs of a checkpoint's safetensors files, one file at a time."""
+    from safetensors.torch import load_file
+    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        yield from load_file(file).items()
+
+
+def shutdown(sampler):
+    """Stop a sampler's vLLM engine so that another can start (one engine per process); the caller
+    then drops its reference and calls free_memory(). Does nothing for the HF sampler."""
+    llm = getattr(sampler, "llm", None)
+    if llm is not None:  # vllm==0.32: LLM -> LLMEngine -> in-process EngineCore client
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        llm.llm_engine.engine_core.shutdown()
+        cleanup_dist_env_and_memory()  # the in-process engine's own (world-size 1) process group
+
+
+def free_memory():
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation: every model on every benchmark, one table
+def context_of(path):
+    """The model's context length (max_position_embeddings of its config.json), None if unknown."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        return None
+    with open(file) as f:
+        config = json.load(f)
+    return config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
+
+
+def stop_ids_of(path, tokenizer):
+    """Stop tokens: the tokenizer's EOS plus the model's generation_config.json eos_token_id(s)
+    (chat models end a turn with a token of their own, e.g. <|im_end|>)."""
+    ids = {tokenizer.eos_token_id} - {None}
+    file = os.path.join(path, "generation_config.json")
+    if os.path.isfile(file):
+        with open(file) as f:
+            eos = json.load(f).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+    return sorted(ids) or None
+
+
+def run(cfg):
+    """Evaluate cfg.model (or the embedded default) on cfg.benchmarks; write and return the rows."""
+    import rollout
+    import tiny
+    import torch
+    if cfg.model:
+        names = cfg.names or [label_of(m.rstrip("/")) for m in cfg.model]
+        if len(names) != len(cfg.model):
+            raise SystemExit(f"--names gives {len(names)} labels for {len(cfg.model)} models")
+        models = [(name, resolve_model(m), run_config(m)) for name, m in zip(names, cfg.model)]
+    else:
+        models = embedded_default()
+    suites = load_benchmarks(cfg)  # all loaded before any model: a malformed file fails fast
+    max_tokens = cfg.max_tokens or next((m[2]["max_response_tokens"] for m in models if m[2].get("max_response_tokens")), 1024)
+    n = cfg.n or cfg.k
+    if n < cfg.k:
+        raise SystemExit(f"--n {n} samples per problem cannot give Pass@{cfg.k}: use --n >= --k")
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
+    print(f"{len(models)} model(s) x {len(suites)} benchmark(s) "
+          f"({', '.join(f'{b}: {len(p)}' for b, p in suites.items())} problems), {n} samples each, "
+          f"temperature {cfg.temperature}, top_p {cfg.top_p}, {max_tokens} max tokens")
+
+    rows, sampler, engine = [], None, None  # engine = (path, max_model_len, tokenizer) of the live sampler
+    for label, path, train_cfg in models:
+        tokenizer = tiny.load_tokenizer(path)
+        instruction = instruction_for(cfg, train_cfg)
+        longest = max(len(data.prompt_ids(tokenizer, p["question"], instruction)) for ps in suites.values() for p in ps)
+        context = context_of(path)
+        budget = min(max_tokens, context - longest) if context else max_tokens
+        if budget < 1:
+            raise SystemExit(f"{path}: the longest prompt ({longest} tokens) fills its context ({context}); use --limit "
+                             "or benchmarks with shorter problems")
+        if budget < max_tokens:
+            print(f"note: {label}: responses capped at {budget} tokens (context {context}, longest prompt {longest})")
+        if (sampler is not None and same_architecture(engine[0], path) and longest + budget <= engine[1]
+                and tokenizer.get_vocab() == engine[2].get_vocab()):
+            sampler.load_weights(checkpoint_weights(path))  # same architecture and vocabulary: reuse the live engine
+        else:
+            if sampler is not None:  # a different architecture: a new engine, after the old one is gone
+                shutdown(sampler)
+                sampler = None
+                free_memory()
+            engine = (path, longest + budget, tokenizer)
+            sampler = rollout.make_sampler(path, tokenizer, backend=cfg.backend, max_model_len=engine[1], seed=cfg.seed,
+                                           dtype=dtype, gpu_memory_utilization=cfg.gpu_memory_utilization)
+        details = {}
+        for bench, problems in suites.items():
+            details[bench] = evaluate(sampler, tokenizer, problems, k=cfg.k, n=n, temperature=cfg.temperature,
+                                      top_p=cfg.top_p, max_tokens=budget, instruction=instruction, seed=cfg.seed,
+                                      workers=cfg.workers, stop_token_ids=stop_ids_of(path, tokenizer))
+            res = details[bench]
+            print(f"{label} | {bench}: Avg@{cfg.k} {100 * res['avg']:.1f} | Pass@{cfg.k} {100 * res['pass']:.1f} | "
+                  f"truncated {100 * res['truncated']:.1f}% | no answer {100 * res['no_answer']:.1f}%")
+        per_bench = {b: {"avg": r["avg"], "pass": r["pass"]} for b, r in details.items()}
+        rows.append({"name": label, "model": path, "instruction": instruction, "max_tokens": budget,
+                     "benchmarks": per_bench, "average": macro_average(per_bench), "details": details})
+    settings = {"k": cfg.k, "samples": n, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                "max_tokens": max_tokens, "seed": cfg.seed, "backend": sampler.backend}
+    shutdown(sampler)  # leave no engine behind (a caller may make its own next)
+    sampler = None
+    free_memory()
+    table = write_results(cfg.out, rows, list(suites), settings)
+    print("\n" + table + f"\n\nwritten to {cfg.out}/ (results.md, results.json, per-problem JSONL)")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line, generated from EvalConfig
+def parse_args(argv=None):
+    comments = dict(re.findall(r"^\s+(\w+):[^\n#]*#\s*(.*)$", inspect.getsource(EvalConfig), re.M))
+    parser = ArgumentParser(description="Avg@k / Pass@k evaluation (eval.py)", formatter_class=ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(EvalConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = dict(nargs="+", type=str) if isinstance(default, list) else dict(type=type(default))
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default,
+                            help=comments.get(f.name, "").replace("%", "%%"), **kind)
+    return EvalConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    if cfg.plot:
+        import plot
+        out = cfg.out if cfg.out.endswith(".png") else os.path.join(cfg.out, "curves.png")
+        print(f"wrote {plot.plot_runs(cfg.plot, out)}")
+        return
+    try:
+        run(cfg)
+    except data.DataError as e:  # a malformed benchmark file: its name and line, no traceback
+        raise SystemExit(f"eval.py: {e}") from None
+
+
+if __name__ == "__main__":  # guarded: vLLM spawns processes that re-import this file
+    main()

@@ -1,0 +1,335 @@
+"""Tests of eval.py (and plot.py): Pass@k against brute-force enumeration, Avg@k on hand-made
+results, loading of each benchmark format (through data.py), named errors for malformed rows,
+the embedded default and an end-to-end `python eval.py` with the real vLLM sampler on tiny models.
+Expected numbers are computed here by hand or by brute force, never read back from eval.py.
+Run: python -m pytest tests/test_eval.py -q
+"""
+import importlib.util
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from fractions import Fraction
+
+import pytest
+
+import data
+import eval as ev
+import plot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One row of each benchmark as it ships (fields as in the public releases; long problems kept whole).
+SAMPLES = {
+    "aime24": {"problem": "Let $ABC$ be a triangle inscribed in circle $\\omega$. Let the tangents to $\\omega$ at $B$ "
+               "and $C$ intersect at point $D$, and let $\\overline{AD}$ intersect $\\omega$ at $P$. If $AB=5$, $BC=9$, "
+               "and $AC=10$, $AP$ can be written as the form $\\frac{m}{n}$, where $m$ and $n$ are relatively prime "
+               "integers. Find $m + n$.", "answer": "113", "id": 61,
+               "url": "https://artofproblemsolving.com/wiki/index.php/2024_AIME_I_Problems/Problem_10"},
+    "amc23": {"problem": "Positive real numbers $x$ and $y$ satisfy $y^3=x^2$ and $(y-x)^2=4y^2$. What is $x+y$?",
+              "answer": "36", "answer_raw": 36.0, "id": 1,
+              "url": "https://artofproblemsolving.com/wiki/index.php/2023_AMC_12A_Problems/Problem_10"},
+    "math500": {"problem": "Define\n\\[p = \\sum_{k = 1}^\\infty \\frac{1}{k^2} \\quad \\text{and} \\quad q = \\sum_{k = 1}^"
+                "\\infty \\frac{1}{k^3}.\\]Find a way to write\n\\[\\sum_{j = 1}^\\infty \\sum_{k = 1}^\\infty \\frac{1}"
+                "{(j + k)^3}\\]in terms of $p$ and $q.$", "answer": "p - q",
+                "unique_id": "test/intermediate_algebra/1994.json", "subject": "Intermediate Algebra", "level": 5},
+    # Minerva ships the reference only inside a worked solution: its last \boxed{} is the answer
+    "minerva_math": {"problem": "Each of the two Magellan telescopes has a diameter of $6.5 \\mathrm{~m}$. Find the "
+                     "diameter of the image of a planet (in $\\mathrm{cm}$ ) at this focus.",
+                     "solution": "Start with $d = f\\theta$ ... so the diameter is $\\boxed{1.6}$ cm.", "idx": 0,
+                     "type": "Introduction to Astronomy (8.282J Spring 2006)"},
+    # OlympiadBench: `final_answer` is a list of $-delimited answers (the `answer` field is absent here)
+    "olympiadbench": {"problem": "Given a positive integer $n$, determine the largest real number $\\mu$ satisfying "
+                      "the following condition: ...", "final_answer": ["$\\frac{1}{2 n+2}$"], "id": 1610,
+                      "unit": None, "answer_type": "Expression", "is_multiple_answer": False, "subfield": "Algebra"},
+}
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+def brute_pass_at_k(n, c, k):
+    """Share of the k-subsets of n samples (the first c correct) holding at least one correct one."""
+    subsets = list(itertools.combinations(range(n), k))
+    return Fraction(sum(any(i < c for i in s) for s in subsets), len(subsets))
+
+
+def test_pass_at_k_equals_brute_force_enumeration():
+    for n in range(1, 9):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                assert ev.pass_at_k(n, c, k) == pytest.approx(float(brute_pass_at_k(n, c, k)), abs=1e-15), (n, c, k)
+
+
+def test_pass_at_k_exact_for_large_n():
+    # C(n-c, k) / C(n, k) = prod_{i<c} (n-k-i) / (n-i): an independent exact formula
+    for n, c, k in [(1024, 1, 1), (1024, 1, 512), (1024, 3, 500), (1024, 700, 32), (1024, 1000, 32), (4096, 2, 1)]:
+        miss = math.prod(Fraction(n - k - i, n - i) for i in range(c)) if n - c >= k else Fraction(0)
+        assert ev.pass_at_k(n, c, k) == pytest.approx(float(1 - miss), rel=1e-14, abs=0)
+    assert ev.pass_at_k(1024, 1, 512) == 0.5 and ev.pass_at_k(1024, 0, 1024) == 0.0
+    assert ev.pass_at_k(32, 1, 32) == 1.0  # with n = k, Pass@k is "any of the k correct"
+    for bad in [(4, 5, 1), (4, -1, 1), (4, 1, 0), (4, 1, 5)]:
+        with pytest.raises(ValueError):
+            ev.pass_at_k(*bad)
+
+
+def test_avg_and_pass_on_hand_made_counts():
+    # 4 problems, n = 4 samples, correct counts 0, 1, 4, 2
+    s = ev.scores([0, 1, 4, 2], n=4, k=2)
+    assert s["avg"] == pytest.approx((0 + 1 / 4 + 1 + 2 / 4) / 4)  # 0.4375
+    # pass@2: c=0 -> 0; c=1 -> 1 - C(3,2)/C(4,2) = 1/2; c=4 -> 1; c=2 -> 1 - C(2,2)/C(4,2) = 5/6
+    assert s["pass"] == pytest.approx((0 + 1 / 2 + 1 + 5 / 6) / 4)
+    assert ev.macro_average({"a": {"avg": 0.2, "pass": 0.5}, "b": {"avg": 0.6, "pass": 1.0}}) == \
+        pytest.approx({"avg": 0.4, "pass": 0.75})
+
+
+class ScriptedSampler:
+    """Returns fixed completions, and records how it was called (no model)."""
+    backend = "scripted"
+
+    def __init__(self, texts):
+        self.texts, self.calls = texts, []
+
+    def generate(self, prompts, n, max_tokens, temperature=1.0, top_p=1.0, seed=None, stop_token_ids=None,
+                 progress=False):
+        from rollout import Sample
+        self.calls.append(dict(prompts=prompts, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                               seed=seed))
+        return [[Sample(p, [5] * len(t), t, "length" if t.endswith("...") else "stop", [0.0] * len(t))
+                 for t in group] for p, group in zip(prompts, self.texts)]
+
+
+def test_evaluate_scores_sampled_texts_with_the_verifier():
+    import tiny
+    tokenizer = tiny.build_char_tokenizer()
+    problems = [{"question": "2+2", "answer": "4"}, {"question": "half of 1", "answer": "\\frac{1}{2}"},
+                {"question": "3+4", "answer": "7"}]
+    texts = [["\\boxed{4}", "\\boxed{5}", "so it is \\boxed{4}", "no idea..."],  # 2 correct
+             ["\\boxed{\\frac{1}{2}}", "\\boxed{2}", "\\boxed{3}", "\\boxed{-1}"],  # 1 correct
+             ["\\boxed{8}", "\\boxed{6}", "7", "\\boxed{1}"]]  # 0 correct (an unboxed 7 does not count)
+    sampler = ScriptedSampler(texts)
+    res = ev.evaluate(sampler, tokenizer, problems, k=2, n=4, temperature=0.6, top_p=0.95, max_tokens=9,
+                      instruction="", seed=3, progress=False)
+    assert [r["correct"] for r in res["results"]] == [2, 1, 0]
+    assert res["avg"] == pytest.approx((2 / 4 + 1 / 4 + 0) / 3)
+    assert res["pass"] == pytest.approx(((1 - 1 / 6) + (1 - 3 / 6) + 0) / 3)  # pass@2 from n = 4
+    assert (res["n"], res["k"], res["samples"]) == (3, 2, 4)
+    assert res["truncated"] == pytest.approx(1 / 12) and res["no_answer"] == pytest.approx(2 / 12)
+    assert res["results"][0]["extracted"][:2] == ["4", "5"] and res["results"][0]["extracted"][3] is None
+    assert res["results"][0]["rewards"] == [1.0, 0.0, 1.0, 0.0]
+    call = sampler.calls[0]
+    assert (call["n"], call["max_tokens"], call["temperature"], call["top_p"], call["seed"]) == (4, 9, 0.6, 0.95, 3)
+    assert call["prompts"][0] == tokenizer.encode("Q: 2+2\nA: ", add_special_tokens=False)  # the training prompt
+
+
+def test_markdown_table_has_one_row_per_model_and_a_column_per_benchmark():
+    rows = [{"name": "maspo", "benchmarks": {"aime24": {"avg": 0.532, "pass": 0.824}, "math500": {"avg": 0.86, "pass": 0.947}},
+             "average": {"avg": 0.696, "pass": 0.886}},
+            {"name": "grpo", "benchmarks": {"aime24": {"avg": 0.5, "pass": 0.8}, "math500": {"avg": 0.8, "pass": 0.9}},
+             "average": {"avg": 0.65, "pass": 0.85}}]
+    lines = ev.markdown_table(rows, ["aime24", "math500"], k=32).splitlines()
+    assert len(lines) == 4 and all(line.count("|") == 5 for line in lines)
+    assert "Avg@32 / Pass@32" in lines[0] and "aime24" in lines[0] and "average" in lines[0]
+    assert lines[2] == "| maspo | 53.2 / 82.4 | 86.0 / 94.7 | 69.6 / 88.6 |"
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmarks: each shipped format, overrides, named errors
+def test_loading_each_benchmark_format(tmp_path):
+    expected = {"aime24": "113", "amc23": "36", "math500": "p - q", "minerva_math": "1.6",
+                "olympiadbench": "\\frac{1}{2 n+2}"}
+    files = [write_jsonl(tmp_path / f"{name}.jsonl", [row, row]) for name, row in SAMPLES.items()]
+    suites = ev.load_benchmarks(ev.EvalConfig(benchmarks=files, limit=1))
+    assert list(suites) == list(SAMPLES)  # table columns named after the file stems
+    for name, problems in suites.items():
+        assert len(problems) == 1  # --limit
+        assert problems[0]["question"] == SAMPLES[name]["problem"]
+        assert problems[0]["answer"] == expected[name], name
+        assert problems[0]["where"].endswith(f"{name}.jsonl:1")
+
+
+def test_loaded_golds_verify_against_a_correct_boxed_answer(tmp_path):
+    import verify
+    olympiad = {**SAMPLES["olympiadbench"], "answer": "$\\frac{1}{2 n+2}$"}  # the shipped row has both fields
+    for row, right, wrong in [(olympiad, "\\frac{1}{2n+2}", "\\frac{1}{2n+1}"),
+                              (SAMPLES["olympiadbench"], "\\frac{1}{2n+2}", "\\frac{1}{n+2}"),
+                              (SAMPLES["minerva_math"], "1.6", "16"), (SAMPLES["math500"], "p - q", "q - p")]:
+        gold = data.load_problems(write_jsonl(tmp_path / "b.jsonl", [row]))[0]["answer"]
+        assert verify.reward(f"The answer is \\boxed{{{right}}}.", gold) == 1.0, (gold, right)
+        assert verify.reward(f"The answer is \\boxed{{{wrong}}}.", gold) == 0.0, (gold, wrong)
+
+
+def test_json_list_multi_answer_and_key_overrides(tmp_path):
+    path = tmp_path / "olymp.json"
+    path.write_text(json.dumps({"data": [{"problem": "Find all x.", "final_answer": ["$1$", "$-2$"]}]}))
+    assert data.load_problems(str(path))[0]["answer"] == "1, -2"
+    custom = write_jsonl(tmp_path / "custom.jsonl", [{"q": "What is 6*7?", "gold": 42, "answer": "wrong field"}])
+    cfg = ev.EvalConfig(benchmarks=[custom], prompt_key="q", answer_key="gold")
+    assert ev.load_benchmarks(cfg)["custom"] == [{"question": "What is 6*7?", "answer": "42", "where": f"{custom}:1"}]
+    chat = write_jsonl(tmp_path / "verl.jsonl", [{"prompt": [{"role": "system", "content": "be brief"},
+                                                             {"role": "user", "content": "1+1?"}],
+                                                  "reward_model": {"ground_truth": "2"}}])
+    assert data.load_problems(chat)[0]["question"] == "1+1?" and data.load_problems(chat)[0]["answer"] == "2"
+
+
+def test_parquet_benchmark(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    path = str(tmp_path / "math500.parquet")
+    pq.write_table(pa.Table.from_pylist([SAMPLES["math500"], SAMPLES["amc23"]]), path)
+    assert [p["answer"] for p in data.load_problems(path)] == ["p - q", "36"]
+
+
+def test_malformed_row_is_named_by_file_and_line(tmp_path):
+    bad_json = tmp_path / "aime25.jsonl"
+    bad_json.write_text(json.dumps(SAMPLES["aime24"]) + "\n{\"problem\": \"x\", \"answer\": \n")
+    with pytest.raises(SystemExit, match=f"{bad_json}:2: not valid JSON"):  # through the CLI: fails before any model
+        ev.main(["--model", str(tmp_path / "no-such-model"), "--benchmarks", str(bad_json)])
+    no_answer = write_jsonl(tmp_path / "amc.jsonl", [SAMPLES["amc23"], SAMPLES["amc23"], {"problem": "2+2?"}])
+    with pytest.raises(data.DataError, match=f"{no_answer}:3: no answer"):
+        ev.load_benchmarks(ev.EvalConfig(benchmarks=[no_answer]))
+    if importlib.util.find_spec("datasets") is None:  # not a file: a hub name, which needs `datasets`
+        with pytest.raises(data.DataError, match="no-such-dataset.*pip install datasets"):
+            ev.load_benchmarks(ev.EvalConfig(benchmarks=["org/no-such-dataset"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs, checkpoints and the embedded default (HF sampler: cheap)
+def make_run(root, tiny, run_config=None, steps=(1, 2), seed=5):
+    """A fake train.py run folder: config.json and HF-format checkpoints step_000001, step_000002."""
+    os.makedirs(root, exist_ok=True)
+    if run_config is not None:
+        with open(os.path.join(root, "config.json"), "w") as f:
+            json.dump(run_config, f)
+    for i, step in enumerate(steps):
+        path = tiny.build_tiny_model(os.path.join(root, "checkpoints", f"step_{step:06d}"), seed=seed + i)
+        tiny.load_tokenizer(path).save_pretrained(path)  # as train.py saves it (tokenizer_config.json gains keys)
+    return root
+
+
+def test_embedded_default_says_what_to_run_when_nothing_is_built(tmp_path, monkeypatch):
+    monkeypatch.setattr(ev, "HERE", str(tmp_path))
+    with pytest.raises(SystemExit, match="python train.py"):
+        ev.main([])
+
+
+def test_embedded_default_evaluates_before_and_after(tmp_path, monkeypatch, capsys):
+    import rollout
+    import tiny
+    monkeypatch.setattr(ev, "HERE", str(tmp_path))
+    tiny.build_tiny_model(str(tmp_path / ".cache" / "tiny-arith"), seed=0)
+    run = make_run(str(tmp_path / "runs" / "default"), tiny,
+                   {"model": "", "instruction": "auto", "max_response_tokens": 5, "loss": {"loss": "maspo"}})
+    out = str(tmp_path / "out")
+    rows = ev.run(ev.EvalConfig(backend="hf", k=2, temperature=0.0, limit=6, out=out))
+    assert [r["name"] for r in rows] == ["tiny (before RL)", "tiny (after RL)"]
+    assert rows[1]["model"].endswith("step_000002")  # a run folder means its latest checkpoint
+    assert all(r["instruction"] == "" and r["max_tokens"] == 5 for r in rows)  # as train.py samples the tiny model
+    assert capsys.readouterr().out.count("[rollout] sampler backend") == 1  # one sampler for both
+    # "after" reused the "before" sampler (same architecture) by pushing the checkpoint's weights:
+    # its greedy samples must equal those of a fresh sampler made from that checkpoint
+    after = os.path.join(run, "checkpoints", "step_000002")
+    tokenizer = tiny.load_tokenizer(after)
+    fresh = rollout.make_sampler(after, tokenizer, backend="hf", max_model_len=64)
+    problems = data.arithmetic_problems("test")[:6]
+    want = ev.evaluate(fresh, tokenizer, problems, k=1, temperature=0.0, max_tokens=5, instruction="", progress=False)
+    got = [json.loads(line) for line in open(os.path.join(out, "tiny_after_RL", "arith-test.jsonl"))]
+    assert [g["samples"][0] for g in got] == [w["samples"][0] for w in want["results"]]
+    assert [g["samples"] for g in got] != [json.loads(line)["samples"] for line in
+                                           open(os.path.join(out, "tiny_before_RL", "arith-test.jsonl"))]
+    # the instruction follows training: none for the tiny model (a run's config.json, or the warm-start
+    # cache's marker), the \boxed{} instruction for a model of unknown origin, a given one verbatim
+    (tmp_path / ".cache" / "tiny-arith" / "warm_start.json").write_text("{}")
+    for path, want in [(after, ""), (str(tmp_path / ".cache" / "tiny-arith"), ""), (str(tmp_path), data.INSTRUCTION)]:
+        assert ev.instruction_for(ev.EvalConfig(), ev.run_config(path)) == want, path
+    assert ev.instruction_for(ev.EvalConfig(instruction="Solve."), ev.run_config(after)) == "Solve."
+    table = open(os.path.join(out, "results.md")).read()
+    assert "| tiny (before RL) |" in table and "| tiny (after RL) |" in table and "arith-test" in table
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: `python eval.py` with the real vLLM sampler on tiny models
+def test_eval_cli_end_to_end_with_vllm(tmp_path):
+    pytest.importorskip("vllm")
+    import rollout
+    import tiny
+    a = tiny.build_tiny_model(str(tmp_path / "a"), max_position_embeddings=1024, seed=0)
+    c = tiny.build_tiny_model(str(tmp_path / "c"), max_position_embeddings=1024, seed=1)  # same shape as a
+    b = tiny.build_tiny_model(str(tmp_path / "b"), hidden_size=256, num_heads=4, num_kv_heads=2,
+                              max_position_embeddings=1024, seed=2)  # another architecture
+    math500 = write_jsonl(tmp_path / "math500.jsonl", [SAMPLES["math500"], SAMPLES["amc23"], SAMPLES["aime24"]])
+    arith = write_jsonl(tmp_path / "arith.jsonl", [{"question": f"{i}+{i}", "answer": str(2 * i)} for i in range(4)])
+    out = tmp_path / "out"
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--model", a, c, b, "--names", "A", "C", "B",
+           "--benchmarks", math500, arith, "--k", "2", "--n", "3", "--temperature", "0", "--max-tokens", "6",
+           "--backend", "vllm", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert log.count("[rollout] sampler backend: vllm") == 2  # A: new engine, C: reused (weights pushed), B: new
+    lines = (out / "results.md").read_text().strip().splitlines()
+    assert lines[2].startswith("| model (Avg@2 / Pass@2, %) | math500 | arith | average |")
+    assert [line.split("|")[1].strip() for line in lines[4:]] == ["A", "C", "B"]
+    assert all(line.count("|") == 5 for line in lines[2:])
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["settings"]["backend"] == "vllm" and len(summary["runs"]) == 3
+    assert summary["runs"][0]["benchmarks"]["math500"]["n"] == 3
+    per_problem = {name: [json.loads(x) for x in (out / name / "arith.jsonl").read_text().splitlines()]
+                   for name in ("A", "C", "B")}
+    assert all(len(rows) == 4 and all(len(r["samples"]) == 3 for r in rows) for rows in per_problem.values())
+    # C ran in A's engine with C's weights pushed in: its greedy samples are C's own (HF generate agrees)
+    tokenizer = tiny.load_tokenizer(c)
+    hf = rollout.make_sampler(c, tokenizer, backend="hf", max_model_len=128)
+    want = ev.evaluate(hf, tokenizer, data.load_problems(arith), k=1, temperature=0.0, max_tokens=6, progress=False)
+    got = [r["samples"][0] for r in per_problem["C"]]
+    assert got == [w["samples"][0] for w in want["results"]]
+    assert got != [r["samples"][0] for r in per_problem["A"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+def write_metrics(run, loss, steps=6, with_gate=True):
+    os.makedirs(run, exist_ok=True)
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump({"loss": {"loss": loss}, "instruction": "auto"}, f)
+    with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+        for step in range(steps + 1):
+            row = {"step": step, "acc": 0.5 + 0.05 * step} if step % 3 == 0 else {"step": step}
+            if step:
+                row.update(reward=0.4 + 0.05 * step, entropy=1.0 - 0.1 * step, response_len=12 - step)
+                if with_gate:
+                    row.update(gate_mean=0.99, gate_low_frac=0.01 * step)
+            f.write(json.dumps(row) + "\n")
+
+
+def test_plot_command_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    write_metrics(str(tmp_path / "maspo"), "maspo")
+    write_metrics(str(tmp_path / "grpo"), "grpo", with_gate=False)
+    out = tmp_path / "figs" / "curves.png"
+    ev.main(["--plot", str(tmp_path / "maspo"), str(tmp_path / "grpo"), "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+    height, width = matplotlib.image.imread(str(out)).shape[:2]
+    assert width > 1.5 * height  # 6 panels with data: a 4 x 2 grid
+    assert plot.run_label(str(tmp_path / "grpo")) == "grpo"  # the objective is not repeated in its own name
+    assert plot.series(plot.read_metrics(str(tmp_path / "maspo")), "acc") == ([0, 3, 6], [0.5, 0.65, 0.8])
+    assert plot.moving_average([1.0, 2.0, 3.0, 6.0], 2) == [1.0, 1.5, 2.5, 4.5]
+
+
+def test_plot_errors_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="metrics.jsonl"):
+        plot.read_metrics(str(tmp_path))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2,\n')
+    with pytest.raises(SystemExit, match="metrics.jsonl:2"):
+        plot.read_metrics(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        plot.plot_runs([str(tmp_path)], str(tmp_path / "x.png"))
