@@ -424,10 +424,8 @@ def update_policy(model, optimizer, scheduler, batch, cfg, world, generator):
 
 # ----------------------------------------------------------------------------------------------
 # Data and evaluation helpers
-def load_train_problems(cfg, tokenizer, instruction):
+def tokenize_problems(problems, cfg, tokenizer, instruction):
     """Training problems with their prompt ids; over-long prompts dropped and counted."""
-    problems = (data.load_problems(cfg.train_data, cfg.prompt_key or None, cfg.answer_key or None)
-                if cfg.train_data else data.arithmetic_problems("train", seed=cfg.seed))
     for p in problems:
         p["ids"] = data.prompt_ids(tokenizer, p["question"], instruction)
     kept = [p for p in problems if len(p["ids"]) <= cfg.max_prompt_tokens]
@@ -492,14 +490,18 @@ def train(cfg):
             raise SystemExit(f"--{name.replace('_', '-')} {value} must be divisible by the number of processes ({world})")
     torch.manual_seed(cfg.seed)
     embedded = not cfg.model
+    keys = (cfg.prompt_key or None, cfg.answer_key or None)
+    try:  # data first: a malformed file stops the run before any model is loaded
+        problems = data.load_problems(cfg.train_data, *keys) if cfg.train_data else data.arithmetic_problems("train", seed=cfg.seed)
+        eval_problems = (data.load_problems(cfg.eval_data, *keys, limit=cfg.eval_limit or None) if cfg.eval_data
+                         else data.arithmetic_problems("test", seed=cfg.seed)[:cfg.eval_limit or None] if embedded else [])
+    except data.DataError as e:
+        raise SystemExit(f"data error: {e}") from None
     base = prepare_tiny_model(cfg) if embedded else cfg.model
     instruction = "" if embedded and cfg.instruction == "auto" else (
         data.INSTRUCTION if cfg.instruction == "auto" else cfg.instruction)
     tokenizer = tiny.load_tokenizer(base)
-    problems = load_train_problems(cfg, tokenizer, instruction)
-    eval_problems = (data.load_problems(cfg.eval_data, cfg.prompt_key or None, cfg.answer_key or None) if cfg.eval_data
-                     else data.arithmetic_problems("test", seed=cfg.seed) if embedded else [])
-    eval_problems = eval_problems[:cfg.eval_limit] if cfg.eval_limit else eval_problems
+    problems = tokenize_problems(problems, cfg, tokenizer, instruction)
 
     # Resume: weights from the latest complete checkpoint, trainer state below
     ckpt = latest_checkpoint(cfg.out) if cfg.resume else None

@@ -95,7 +95,11 @@ def test_short_real_run_with_vllm(tmp_path):
     ckpt = out / "checkpoints" / "step_000002"
     trained = AutoModelForCausalLM.from_pretrained(ckpt).state_dict()
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny").state_dict()
-    assert max((trained[k] - base[k]).abs().max().item() for k in base) > 0  # RL changed the weights
+    moved = max((trained[k] - base[k]).abs().max().item() for k in base)
+    if all(r["zero_signal_frac"] == 1.0 for r in rows[1:]):
+        assert moved == 0.0  # every group all-equal: A = 0, so no gradient may move the weights
+    else:
+        assert moved > 0  # RL changed the weights
     assert tiny.load_tokenizer(str(ckpt)).decode(tiny.load_tokenizer(str(ckpt)).encode("Q: 1+2")) == "Q: 1+2"
     assert torch.load(ckpt / "trainer_state.pt", weights_only=False)["step"] == 2
 
@@ -140,3 +144,4 @@ def test_malformed_row_is_named(tmp_path):
     proc = run(tiny_run_args(tmp_path, tmp_path / "run", "--model", "x", "--train-data", str(bad)))
     assert proc.returncode != 0
     assert f"{bad}:2: no answer" in proc.stderr and "--answer-key" in proc.stderr
+    assert "Traceback" not in proc.stderr  # one clear line, not a stack
