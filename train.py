@@ -68,7 +68,7 @@ class Config:
     answer_key: str = ""  # field holding the reference answer ("" = try answer, final_answer, ...)
     instruction: str = "auto"  # appended to each question; auto = the \boxed{} instruction, none for the tiny model
     # --- RL (symbols of PAPER.md)
-    steps: int = 60  # RL steps; one rollout batch each
+    steps: int = 150  # RL steps; one rollout batch each
     prompts_per_step: int = 16  # prompts per rollout batch, all ranks together
     group_size: int = 8  # G: samples per prompt
     mini_batch_size: int = 32  # sequences per optimizer update; (prompts_per_step * G) / this = updates per epoch
@@ -87,11 +87,11 @@ class Config:
     drop_zero_signal: bool = False  # DAPO dynamic sampling: drop all-equal-reward groups before the update
     verify_timeout: float = 1.0  # seconds per verification; a timeout scores 0
     # --- evaluation, checkpoints, logging
-    eval_every: int = 20  # held-out evaluation every N steps (0 = only before and after)
-    eval_k: int = 4  # samples per held-out problem for Avg@k / Pass@k
+    eval_every: int = 25  # held-out evaluation every N steps (0 = only before and after)
+    eval_k: int = 8  # samples per held-out problem for Avg@k / Pass@k
     eval_temperature: float = 1.0  # sampling temperature of the held-out Avg@k (greedy accuracy is also logged)
     eval_limit: int = 0  # use at most N held-out problems (0 = all)
-    save_every: int = 20  # checkpoint every N steps (and at the end)
+    save_every: int = 50  # checkpoint every N steps (and at the end)
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
     rollouts_every: int = 10  # dump a few decoded rollouts every N steps
     out: str = "runs/default"  # output folder: metrics.jsonl, rollouts/, checkpoints/
@@ -645,7 +645,8 @@ def train(cfg):
     for when in ("before", "after"):
         if when in results:
             print0(f"held-out {when} RL: {fmt(results[when])}")
-    dist.barrier()
+    dist.barrier()  # the last collective; then the engine may go (its teardown touches torch.distributed)
+    sampler.close()
     return results
 
 
