@@ -49,7 +49,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["0.5M", "5M", "30M"])
     parser.add_argument("--rounds", type=int, default=3, help="timed calls per backend (best kept)")
-    parser.add_argument("--dtype", default="float32", help="float32 (the embedded default) or bfloat16")
+    parser.add_argument("--dtype", default="float32",
+                        help="float32 (the embedded default) or bfloat16 (slower for both on our 2-core CPU)")
     parser.add_argument("--one", metavar="MODEL_DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # child process: measure both backends on one model, print JSON last
