@@ -247,16 +247,21 @@ def instruction_for(cfg, train_cfg):
     return chosen
 
 
+def read_config(path):
+    """A model folder's config.json as a dict, None when there is none (e.g. a hub name)."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        return None
+    with open(file) as f:
+        return json.load(f)
+
+
 def same_architecture(a, b):
     """True when both model folders hold the same config.json up to names and versions (a hub name,
     with no local config to compare, never matches)."""
     def config(path):
-        file = os.path.join(path, "config.json")
-        if not os.path.isfile(file):
-            return None
-        with open(file) as f:
-            cfg = json.load(f)
-        return {k: v for k, v in cfg.items() if k not in ("_name_or_path", "transformers_version", "architectures")}
+        cfg = read_config(path)
+        return cfg and {k: v for k, v in cfg.items() if k not in ("_name_or_path", "transformers_version", "architectures")}
     ca = config(a)
     return ca is not None and ca == config(b)
 
@@ -289,11 +294,9 @@ def free_memory():
 # The evaluation: every model on every benchmark, one table
 def context_of(path):
     """The model's context length (max_position_embeddings of its config.json), None if unknown."""
-    file = os.path.join(path, "config.json")
-    if not os.path.isfile(file):
+    config = read_config(path)
+    if config is None:
         return None
-    with open(file) as f:
-        config = json.load(f)
     return config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
 
 
