@@ -145,3 +145,36 @@ def test_malformed_row_is_named(tmp_path):
     assert proc.returncode != 0
     assert f"{bad}:2: no answer" in proc.stderr and "--answer-key" in proc.stderr
     assert "Traceback" not in proc.stderr  # one clear line, not a stack
+
+
+WARM_SCRIPT = '''
+import sys
+sys.path.insert(0, sys.argv[2])
+import torch.distributed as dist
+import data, rollout, tiny, train
+from eval import evaluate
+dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}.pg", rank=0, world_size=1)  # warm_start asks the rank
+path = tiny.build_tiny_model(sys.argv[1], seed=0)
+train.warm_start(path, {"steps": 600, "lr": 1e-3, "target": 0.15, "seed": 0})
+tok = tiny.load_tokenizer(path)
+probe = data.arithmetic_problems("train", seed=0)[:256]  # the problems the stopping rule measures
+sampler = rollout.make_sampler(path, tok, backend="hf", max_model_len=128)
+greedy = evaluate(sampler, tok, probe, k=1, temperature=0.0, top_p=1.0, max_tokens=16, instruction="", progress=False)
+print("GREEDY", greedy["avg"])
+dist.destroy_process_group()
+'''
+
+
+def test_warm_start_stops_at_its_target(tmp_path):
+    """The warm start stops early once its teacher-forced exact match reaches the target, and that
+    measure is greedy decoding's accuracy: real greedy generation on the same problems agrees."""
+    script = tmp_path / "warm.py"
+    script.write_text(WARM_SCRIPT)
+    proc = run([sys.executable, str(script), str(tmp_path / "m"), ROOT], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("warm start:"))
+    steps, measured = int(line.split()[2]), float(line.split()[-1])
+    greedy = float(next(l for l in proc.stdout.splitlines() if l.startswith("GREEDY")).split()[1])
+    assert steps < 600 and steps % 25 == 0, line  # stopped at a check, before the step budget
+    assert measured >= 0.15, line
+    assert abs(greedy - measured) <= 2 / 256, (greedy, measured)  # teacher-forced exact match == greedy
