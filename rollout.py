@@ -37,6 +37,7 @@ so the engine and the training model share the GPU. N GPUs (torchrun): each rank
 after init_process_group and gets its own engine (vLLM's "external_launcher" executor, tensor
 parallel 1); checked on CPU with 2 ranks under gloo, not yet on GPUs.
 """
+import logging
 import os
 import random
 import re
@@ -139,6 +140,9 @@ class VLLMSampler:
                               "(README: GPU or CPU build) or use --sampler hf")
         from vllm import LLM
         from vllm.platforms import current_platform
+        # with skip_tokenizer_init vLLM's chat-template warm-up has no tokenizer and logs a harmless
+        # traceback ("Chat template warmup failed"); we never use its chat templates (choice 1)
+        logging.getLogger("vllm.renderers.base").addFilter(_no_chat_warmup_warning)
         self.on_cpu = current_platform.is_cpu()
         if self.on_cpu:
             check_cpu_head_dim(model_path)
@@ -203,6 +207,10 @@ class VLLMSampler:
         if self.llm is not None:
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
+
+
+def _no_chat_warmup_warning(record):
+    return "Chat template warmup failed" not in record.getMessage()
 
 
 def push_weights_vllm(llm, named_tensors):
