@@ -273,16 +273,6 @@ def checkpoint_weights(path):
         yield from load_file(file).items()
 
 
-def shutdown(sampler):
-    """Stop a sampler's vLLM engine so that another can start (one engine per process); the caller
-    then drops its reference and calls free_memory(). Does nothing for the HF sampler."""
-    llm = getattr(sampler, "llm", None)
-    if llm is not None:  # vllm==0.32: LLM -> LLMEngine -> in-process EngineCore client
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-        llm.llm_engine.engine_core.shutdown()
-        cleanup_dist_env_and_memory()  # the in-process engine's own (world-size 1) process group
-
-
 def free_memory():
     import torch
     gc.collect()
@@ -351,7 +341,7 @@ def run(cfg):
             sampler.load_weights(checkpoint_weights(path))  # same architecture and vocabulary: reuse the live engine
         else:
             if sampler is not None:  # a different architecture: a new engine, after the old one is gone
-                shutdown(sampler)
+                sampler.close()
                 sampler = None
                 free_memory()
             engine = (path, longest + budget, tokenizer)
@@ -370,7 +360,7 @@ def run(cfg):
                      "benchmarks": per_bench, "average": macro_average(per_bench), "details": details})
     settings = {"k": cfg.k, "samples": n, "temperature": cfg.temperature, "top_p": cfg.top_p,
                 "max_tokens": max_tokens, "seed": cfg.seed, "backend": sampler.backend}
-    shutdown(sampler)  # leave no engine behind (a caller may make its own next)
+    sampler.close()  # leave no engine behind (a caller may make its own next)
     sampler = None
     free_memory()
     table = write_results(cfg.out, rows, list(suites), settings)

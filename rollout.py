@@ -199,14 +199,17 @@ class VLLMSampler:
             self.llm.wake_up()
 
     def close(self):
-        """Shut the engine down now rather than at interpreter exit. vllm 0.32's teardown also
-        destroys torch.distributed's default process group (`cleanup_dist_env_and_memory`), so
-        call it after the trainer's last collective and guard `destroy_process_group()` with
+        """Shut the engine down now rather than at interpreter exit, so that another engine can
+        start in this process (eval.py, one per architecture). vllm 0.32's teardown
+        (`cleanup_dist_env_and_memory`) also destroys torch.distributed's default process group,
+        so call it after the trainer's last collective and guard `destroy_process_group()` with
         `dist.is_initialized()`. Without close(), that teardown runs at exit, after the trainer
         destroyed the group, and prints a harmless "Invalid process group" traceback."""
         if self.llm is not None:
-            self.llm.llm_engine.engine_core.shutdown()
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+            self.llm.llm_engine.engine_core.shutdown()  # LLM -> LLMEngine -> in-process EngineCore client
             self.llm = None
+            cleanup_dist_env_and_memory()  # the engine's parallel state and process group
 
 
 def _no_chat_warmup_warning(record):

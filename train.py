@@ -15,7 +15,7 @@ One step = one rollout batch, as numbered stages in `train()`:
   9. eval / save     held-out accuracy; atomic checkpoints (HF format + optimizer/scheduler/RNG/step)
 
 Run it
-  laptop (CPU, the embedded default: a tiny Qwen2 model learns arithmetic; ~2.5 min on 2 cores)
+  laptop (CPU, the embedded default: a tiny Qwen2 model learns arithmetic; ~2 min on 2 cores)
       python train.py
   2 CPU processes (FSDP over gloo)
       torchrun --nproc_per_node 2 train.py --steps 2

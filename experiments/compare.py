@@ -14,7 +14,7 @@ The regime is made off-policy on purpose: with one update per rollout batch rho 
 method is the same policy gradient. Here each rollout batch of 128 samples feeds 2 epochs x 8
 mini-batches = 16 optimizer updates (DESIGN.md measured mean |rho - 1| of only 0.001-0.008 with 4).
 
-Run:  python experiments/compare.py                 (full: 9 settings x 3 seeds)
+Run:  python experiments/compare.py                 (full: 9 settings x 5 seeds)
       python experiments/compare.py --quick         (smoke test: 2 settings x 1 seed, a few steps)
 """
 import argparse
@@ -41,17 +41,19 @@ METHODS = {
     "MASPO: + mass-adaptive limiter": ["--loss", "maspo", "--beta-pos", "0", "--beta-neg", "0"],
 }
 # the shared, off-policy budget: 16 prompts x G 8, 2 epochs x 8 mini-batches of 16 = 16 updates per batch,
-# lr 5e-5 (probed: 1e-4 with 16 updates degrades the model, 29% -> 19% greedy; 3e-5 and 5e-5 improve it)
+# lr 5e-5 (probed on an earlier warm start: 1e-4 with 16 updates degraded the model, 29% -> 19% greedy;
+# 3e-5 and 5e-5 improved it)
 SHARED = ["--lr", "5e-5", "--mini-batch-size", "16", "--micro-batch-size", "16", "--epochs", "2", "--eval-k", "4",
           "--save-every", "1000", "--rollouts-every", "0"]
 
 
 def run_one(name, seed, out, steps, eval_every, env):
-    """Train one (method, seed); returns the path of its run folder. Finished runs are reused."""
+    """Train one (method, seed); returns the path of its run folder and whether it was reused (a
+    finished run from an earlier call)."""
     folder = os.path.join(out, "runs", f"{name.replace(' ', '_').replace(':', '').replace('+', 'plus')}_s{seed}")
     metrics = os.path.join(folder, "metrics.jsonl")
     if os.path.exists(metrics) and any(json.loads(l)["step"] == steps for l in open(metrics)):
-        return folder  # done earlier (the comparison can be resumed after a kill)
+        return folder, True  # done earlier (the comparison can be resumed after a kill)
     # one warm-started model per seed, shared by every method (cached in its own folder)
     args = [sys.executable, os.path.join(ROOT, "train.py"), *METHODS[name], *SHARED, "--seed", str(seed),
             "--tiny-dir", os.path.join(out, f"tiny_s{seed}"), "--steps", str(steps),
@@ -59,7 +61,7 @@ def run_one(name, seed, out, steps, eval_every, env):
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{name} seed {seed} failed:\n{proc.stderr[-3000:]}")
-    return folder
+    return folder, False
 
 
 def summarize(folder, k):
@@ -70,6 +72,7 @@ def summarize(folder, k):
     late = train_rows[len(train_rows) // 2:]  # second half of training
     mean = lambda key: statistics.mean(r[key] for r in late)  # noqa: E731
     return {"acc": final["acc"], "avg": final[f"avg_at_{k}"], "pass": final[f"pass_at_{k}"],
+            "avg_start": rows[0][f"avg_at_{k}"],  # step 0: the warm-started model, the same for every method
             "entropy": final["entropy"], "gated": mean("gate_low_frac"), "ratio_dev": mean("ratio_dev_mean"),
             "ratio_dev_frac": mean("ratio_dev_frac"),
             "curve": [(r["step"], r[f"avg_at_{k}"], r.get("entropy")) for r in rows if f"avg_at_{k}" in r],
@@ -77,14 +80,22 @@ def summarize(folder, k):
 
 
 def table(results, k):
+    """The paper-shaped table; "vs GRPO" pairs each seed with GRPO's run of the same seed (same
+    warm start, same problems), which removes the spread between seeds from the comparison."""
     pm = lambda xs: f"{100 * statistics.mean(xs):.1f} +- {100 * (statistics.stdev(xs) if len(xs) > 1 else 0):.1f}"  # noqa: E731
-    lines = [f"| method | greedy acc (%) | Avg@{k} (%) | Pass@{k} (%) | final entropy | gated / clipped (%) "
-             "| mean abs(rho-1) | share abs(rho-1) > 0.2 (%) |", "|---" * 8 + "|"]
+    lines = [f"| method | greedy acc (%) | Avg@{k} (%) | Avg@{k} vs GRPO, paired (%) | Pass@{k} (%) | final entropy "
+             "| gated / clipped (%) | mean abs(rho-1) | share abs(rho-1) > 0.2 (%) |", "|---" * 9 + "|"]
     for name, seeds in results.items():
         col = lambda key: [s[key] for s in seeds]  # noqa: E731
-        lines.append(f"| {name} | {pm(col('acc'))} | {pm(col('avg'))} | {pm(col('pass'))} | "
+        paired = "-"
+        if "GRPO" in results and name != "GRPO":
+            diffs = [s["avg"] - g["avg"] for s, g in zip(seeds, results["GRPO"])]
+            paired = f"{pm(diffs)} ({sum(d >= 0 for d in diffs)}/{len(diffs)} seeds >= 0)"
+        lines.append(f"| {name} | {pm(col('acc'))} | {pm(col('avg'))} | {paired} | {pm(col('pass'))} | "
                      f"{statistics.mean(col('entropy')):.3f} | {100 * statistics.mean(col('gated')):.2f} | "
                      f"{statistics.mean(col('ratio_dev')):.3f} | {100 * statistics.mean(col('ratio_dev_frac')):.1f} |")
+    start = next(iter(results.values()))
+    lines.append(f"\nBefore RL (the warm-started models, one per seed): Avg@{k} {pm([s['avg_start'] for s in start])} %")
     return "\n".join(lines)
 
 
@@ -116,7 +127,7 @@ def plot(results, k, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.path.join(ROOT, "experiments", "laptop"), help="output folder")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per setting")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per setting")
     parser.add_argument("--steps", type=int, default=40, help="RL steps per run")
     parser.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every N steps")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), help="subset of: " + ", ".join(METHODS))
@@ -133,12 +144,13 @@ def main():
     k, start = 4, time.time()
     jobs = [(name, seed) for name in args.methods for seed in range(args.seeds)]
     first = [j for j in jobs if j[0] == args.methods[0]]  # these build each seed's warm start, alone
-    folders = {}
+    folders, reused = {}, []
 
     def work(job):
         t = time.time()
-        folders[job] = run_one(job[0], job[1], args.out, args.steps, args.eval_every, env)
-        print(f"{job[0]} seed {job[1]} done ({time.time() - t:.0f} s)", flush=True)
+        folders[job], was_reused = run_one(job[0], job[1], args.out, args.steps, args.eval_every, env)
+        reused.append(was_reused)
+        print(f"{job[0]} seed {job[1]} {'reused' if was_reused else 'done'} ({time.time() - t:.0f} s)", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(work, first))
         list(pool.map(work, [j for j in jobs if j not in first]))
@@ -147,9 +159,10 @@ def main():
     md = table(results, k)
     wall = time.time() - start
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(md + f"\n\n{args.seeds} seed(s) x {args.steps} steps per setting; wall time {wall / 60:.1f} min\n")
+        note = f" ({sum(reused)} of {len(jobs)} runs reused from an earlier call)" if any(reused) else ""
+        f.write(md + f"\n\n{args.seeds} seed(s) x {args.steps} steps per setting; wall time {wall / 60:.1f} min{note}\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"settings": vars(args), "wall_s": wall, "results": results}, f, indent=1)
+        json.dump({"settings": vars(args), "wall_s": wall, "reused_runs": sum(reused), "results": results}, f, indent=1)
     plot(results, k, os.path.join(args.out, "curves.png"))
     print(md)
     print(f"wall time {wall / 60:.1f} min; written to {args.out}")

@@ -22,3 +22,8 @@ def test_compare_quick(tmp_path):
         assert run["ratio_dev_frac"] > 0  # some tokens leave GRPO's clip range [0.8, 1.2]
     # GRPO's hard clip cuts at |rho - 1| > 0.2; MASPO's gate falls below 0.5 only past |rho - 1| > 1.18
     assert results["GRPO"][0]["gated"] >= results["MASPO"][0]["gated"]
+    # the paired column is MASPO's Avg@k minus GRPO's on the same seed
+    maspo_row = next(l for l in table.splitlines() if l.startswith("| MASPO |")).split("|")
+    diff = 100 * (results["MASPO"][0]["avg"] - results["GRPO"][0]["avg"])
+    assert maspo_row[4].strip() == f"{diff:.1f} +- 0.0 ({int(diff >= 0)}/1 seeds >= 0)", maspo_row[4]
+    assert results["MASPO"][0]["avg_start"] == results["GRPO"][0]["avg_start"]  # one warm start per seed
