@@ -5,8 +5,9 @@ Trains the embedded default (tiny Qwen2 on synthetic arithmetic, train.py) with 
 alpha = 0, beta = 0; + mass-adaptive limiter: beta = 0; full MASPO = + risk controller), over
 several seeds, with identical data, budget and sampler settings, then writes:
   OUT/results.md     a table in the paper's shape: held-out greedy accuracy, Avg@k and Pass@k (mean +- std
-                     over seeds), policy entropy (mean of the last 5 steps), share of tokens gated / clipped, mean |rho - 1| and
-                     the share with |rho - 1| > 0.2 (how off-policy the regime really was)
+                     over seeds), Avg@k minus GRPO's on the same seed, policy entropy (mean of the last 5
+                     steps), share of tokens gated / clipped, mean |rho - 1| and the share with
+                     |rho - 1| > 0.2 (how off-policy the regime really was)
   OUT/results.json   the per-seed numbers
   OUT/curves.png     held-out Avg@k and entropy vs step, methods overlaid, seed bands (needs matplotlib)
 
