@@ -1,6 +1,7 @@
 """bench/verify.py: verifications per second of verify.py on a realistic mix of answer pairs, and,
-when the `math-verify` package is installed, the same pairs through Math-Verify in the same run,
-with the agreement rate between the two and each one's accuracy against the pairs' labels.
+when the `math-verify` package is installed, the same pairs through Math-Verify in the same run:
+its speed as a library, and as verify.py's backend="math_verify", with the agreement rate between
+the two backends, each one's accuracy against the pairs' labels, and the pairs they disagree on.
 
 Target (issue 3): at least as fast as Math-Verify, and more than 1,000 typical pairs per second
 per core.
@@ -12,15 +13,19 @@ integer pairs, the bulk of what a training loop scores (AIME / AMC / synthetic t
 the mathematical truth, written by hand with the pairs below, not taken from either verifier.
 `--pairs FILE.jsonl` benchmarks labelled pairs of your own instead ({"gold", "pred", "label"}).
 
-Timing: both verifiers score the same pairs one call at a time in this process (verify.verify,
-math_verify.parse + math_verify.verify with its default settings), alternating rounds and keeping
-each one's best, so that load from other processes hits both alike. The first call of verify.py
-that needs sympy starts a worker process; a warm-up call before timing pays for that. A third
-line times verify.reward_batch on the same pairs across --workers processes. On a shared machine
-read the ratios, not the absolute numbers.
+Timing, in one process each: verify.verify and Math-Verify as a library (math_verify.parse +
+math_verify.verify, default settings) score the same pairs one call at a time, alternating rounds
+and keeping each one's best, so that load from other processes hits both alike. The first call of
+verify.py that needs sympy starts a worker process; a warm-up call before timing pays for that.
+Then verify_batch scores the pairs with each backend across --workers processes (Math-Verify runs
+only in workers there, every pair shipped to one; --timeout 5 s a pair, so that the agreement
+compares verdicts, not jobs cut on a loaded machine), and reward_batch times the training loop's
+call (default timeout, 1 s).
+On a shared machine read the ratios, not the absolute numbers.
 
 Run:  python bench/verify.py                 (about 40 s on 2 CPU cores, most of it Math-Verify)
       python bench/verify.py --n 500 --rounds 1
+      python bench/verify.py --no-math-verify  (verify.py alone)
 """
 import argparse
 import json
@@ -103,14 +108,43 @@ def time_best(fn, pairs, rounds):
     return best, verdicts
 
 
+def compare_backends(verify, pairs, workers, backends, timeout, acc, show):
+    """verify_batch with each backend across `workers` processes: pairs/s, lost items, accuracy;
+    then the agreement of the two backends and the distinct pairs they disagree on. `timeout` is
+    generous by default (5 s) so that a disagreement is a verdict, not a job cut on a loaded machine."""
+    golds, preds = [g for g, _, _ in pairs], [p for _, p, _ in pairs]
+    batch = {}
+    for backend in backends:
+        verify.verify_batch(golds[:8], preds[:8], timeout, workers, backend=backend)  # start the pool
+        t = time.perf_counter()
+        verdicts, n_lost = verify.verify_batch(golds, preds, timeout, workers, backend=backend)
+        batch[backend] = verdicts
+        print(f"verify_batch  {len(pairs) / (time.perf_counter() - t):9.0f} pairs/s (workers={workers}, "
+              f"backend={backend})   lost {n_lost}   accuracy vs labels {acc(verdicts):.1%}")
+    if len(batch) < 2:
+        return
+    a, b = batch["ours"], batch["math_verify"]
+    differ = {}
+    for (g, p, lab), x, y in zip(pairs, a, b):
+        if x != y:
+            differ[(g, p, lab, x, y)] = differ.get((g, p, lab, x, y), 0) + 1
+    agree = sum(x == y for x, y in zip(a, b)) / len(pairs)
+    print(f"agreement of the two backends {agree:.1%} of {len(pairs)} pairs "
+          f"({len(differ)} of {len({(g, p) for g, p, _ in pairs})} distinct pairs differ)")
+    for (g, p, lab, x, y), count in sorted(differ.items(), key=lambda kv: -kv[1])[:show]:
+        print(f"  disagree x{count}: gold {g!r} pred {p!r} label {lab}: ours {x}, math_verify {y}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=600, help="number of pairs in the mix")
     ap.add_argument("--int-share", type=float, default=0.5, help="share of plain integer pairs")
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds per verifier (best kept)")
-    ap.add_argument("--workers", type=int, default=None, help="processes for reward_batch (default: all cores)")
+    ap.add_argument("--workers", type=int, default=None, help="processes for the batch calls (default: all cores)")
     ap.add_argument("--pairs", help="JSONL file of {gold, pred, label} to use instead of the mix")
-    ap.add_argument("--show", type=int, default=10, help="disagreements to print")
+    ap.add_argument("--show", type=int, default=20, help="distinct disagreements to print")
+    ap.add_argument("--no-math-verify", action="store_true", help="time verify.py alone")
+    ap.add_argument("--timeout", type=float, default=5.0, help="seconds per pair in the backend comparison")
     args = ap.parse_args()
     sys.path.insert(0, ROOT)
     import verify
@@ -121,17 +155,19 @@ def main():
     else:
         pairs = make_pairs(args.n, args.int_share)
     print(f"{len(pairs)} pairs ({'from ' + args.pairs if args.pairs else f'mix, {args.int_share:.0%} plain integers'}), "
-          f"{os.cpu_count()} cores")
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
 
     ours = lambda g, p: verify.verify(g, p)  # noqa: E731
     verify.verify("x", "x + 10^{-30} \\pi")  # warm-up: starts the sympy worker
-    try:
-        import math_verify
-        theirs = lambda g, p: bool(math_verify.verify(  # noqa: E731
-            math_verify.parse(as_math_verify_input(g)), math_verify.parse(as_math_verify_input(p))))
-        theirs(r"\frac12", "0.5")  # warm-up: imports, grammar
-    except ImportError:
-        theirs = None
+    theirs = None
+    if not args.no_math_verify:
+        try:
+            import math_verify
+            theirs = lambda g, p: bool(math_verify.verify(  # noqa: E731
+                math_verify.parse(as_math_verify_input(g)), math_verify.parse(as_math_verify_input(p))))
+            theirs(r"\frac12", "0.5")  # warm-up: imports, grammar
+        except ImportError:
+            print("math-verify not installed: no comparison (pip install math-verify)")
 
     rate_ours, rate_theirs, v_ours, v_theirs = 0.0, 0.0, [], []
     for _ in range(args.rounds):  # alternate so that machine load hits both alike
@@ -144,25 +180,21 @@ def main():
     acc = lambda v: sum(a == b for a, b in zip(v, labels)) / len(labels)  # noqa: E731
     print(f"verify.py     {rate_ours:9.0f} pairs/s (1 process)   accuracy vs labels {acc(v_ours):.1%}")
     if theirs:
-        print(f"math-verify   {rate_theirs:9.0f} pairs/s (1 process)   accuracy vs labels {acc(v_theirs):.1%}")
-        agree = sum(a == b for a, b in zip(v_ours, v_theirs)) / len(pairs)
-        print(f"speed ratio verify.py / math-verify = {rate_ours / rate_theirs:.1f}x;  agreement {agree:.1%}")
-        shown = 0
-        for (g, p, lab), a, b in zip(pairs, v_ours, v_theirs):
-            if a != b and shown < args.show:
-                shown += 1
-                print(f"  disagree: gold {g!r} pred {p!r} label {lab}: verify.py {a}, math-verify {b}")
-    else:
-        print("math-verify not installed: no comparison (pip install math-verify)")
+        print(f"math-verify   {rate_theirs:9.0f} pairs/s (1 process, library)   accuracy vs labels {acc(v_theirs):.1%}")
+        print(f"speed ratio verify.py / math-verify = {rate_ours / rate_theirs:.1f}x")
 
-    completions = [f"... so the answer is \\boxed{{{p}}}." for _, p, _ in pairs]
-    golds = [g for g, _, _ in pairs]
+    golds, preds = [g for g, _, _ in pairs], [p for _, p, _ in pairs]
+    workers = args.workers or os.cpu_count()
+    compare_backends(verify, pairs, workers, ("ours", "math_verify") if theirs else ("ours",), args.timeout, acc,
+                     args.show)
+
+    completions = [f"... so the answer is \\boxed{{{p}}}." for p in preds]
     verify.reward_batch(completions[:8], golds[:8], workers=args.workers)  # start the pool
     t = time.perf_counter()
-    rewards, n_timeout = verify.reward_batch(completions, golds, workers=args.workers)
+    rewards, n_lost = verify.reward_batch(completions, golds, workers=args.workers)
     dt = time.perf_counter() - t
-    print(f"reward_batch  {len(pairs) / dt:9.0f} pairs/s (workers={args.workers or os.cpu_count()})   "
-          f"timeouts {n_timeout}   accuracy vs labels {acc([r > 0.5 for r in rewards]):.1%}")
+    print(f"reward_batch  {len(pairs) / dt:9.0f} pairs/s (workers={workers})   "
+          f"lost {n_lost}   accuracy vs labels {acc([r > 0.5 for r in rewards]):.1%}")
 
 
 if __name__ == "__main__":
