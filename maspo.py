@@ -1,63 +1,96 @@
-"""maspo.py: the math of MASPO and the baselines it is compared with. Pure tensor functions, no I/O.
+"""maspo.py: the policy-loss math of MASPO (Mass-Adaptive Soft Policy Optimization, arXiv 2602.17550)
+and of the objectives it is compared with. Pure tensor functions: no I/O, no collectives, no model code
+(log pi and the entropy come from logprobs.py).
 
-What lives here (equations as in PAPER.md; arXiv 2602.17550 and the papers of the baselines):
-  1. token_logprobs(logits, ids), entropy(logits): log pi(o_t) and the next-token entropy H_t,
-     computed chunk by chunk, so no [B, T, V] float32 temporary is materialised; backward writes
-     only the logits' own gradient (bench/logprobs.py measures the saving).
-  2. group_advantages(rewards, G): A_i = (R_i - mean R) / (std R + eps), and Dr. GRPO's unscaled
-     A_i = R_i - mean R.
-  3. One function per objective, side by side, each returning the per-token loss and the gate F:
-     maspo_loss (mass-adaptive limiter m, asymmetric risk controller k_pos / k_neg, unilateral soft
-     Gaussian gate F on sg(rho)), grpo_loss (hard clip + dual clip c), clip_higher_loss (DAPO),
-     dac_loss (DCPO's probability-dependent bounds), sapo_loss (sigmoid gate, not detached),
-     bapo_loss (bounds searched per batch), and entropy_advantage, the Entropy-Advantage shaping
-     of A used with grpo_loss ("entropy_adv"). LOSSES maps LossConfig.loss to the function.
-  4. policy_loss(logp, old_logp, adv, mask, cfg): ratio, objective, aggregation (token-mean,
-     seq-mean-token-mean, seq-mean-token-sum-norm), optional k3 KL to a reference policy, metrics.
+In file order:
+  LossConfig, DEFAULTS   one field per hyper-parameter; the per-objective defaults of the fields left
+                         None (clip_low, clip_high, agg) in one table; resolve(cfg) fills them in.
+  group_advantages       A_i = (R_i - mean R) / (std R + eps) per group of G (Dr. GRPO: R_i - mean R).
+  entropy_advantage      Entropy-Advantage shaping A' = A + min(a * sg(H), |A| / kappa) (arXiv 2506.14758),
+                         applied by the CALLER to the advantages; the objective is then GRPO's.
+  the objectives         one function each, side by side, (rho, A, p_old, mask, cfg) -> (loss_t, F, extra):
+                         maspo_loss (mass-adaptive limiter m, risk controller k_pos / k_neg, unilateral
+                         soft Gaussian gate F on sg(rho)); grpo_loss (hard clip, dual clip c; also
+                         Clip-Higher and Entropy-Adv); dac_loss (DCPO's probability-dependent bounds);
+                         sapo_loss (sigmoid gate, not detached, arXiv 2511.20347); bapo_loss (adaptive
+                         bounds, arXiv 2510.18927) with its search split in two pure halves, bapo_stats
+                         (per-candidate statistics, one tensor the caller sums over micro-batches and
+                         ranks) and bapo_pick (the bounds from those statistics).
+  LOSSES                 LossConfig.loss -> objective function.
+  aggregate              token-mean | seq-mean-token-mean | seq-mean-token-sum-norm.
+  policy_loss            ratio rho, objective, aggregation, optional k3 KL to a reference, metrics.
 
-Use (train.py does this per mini-batch):
-    logp = token_logprobs(model(x).logits[:, :-1], x[:, 1:])                   # [B, T]
-    loss, metrics = policy_loss(logp, old_logp, adv, mask, LossConfig(loss="maspo"))
+Use (train.py, per micro-batch; T = the sampling temperature, see logprobs.py):
+    A = group_advantages(R, G)                                                      # [B], once per step
+    logp, H = logprobs.hidden_logprobs(hidden, lm_head_weight, ids, T, with_entropy=...)   # [B, T]
+    A = entropy_advantage(A, H, cfg)                            # only for loss "entropy_adv"
+    loss, metrics = policy_loss(logp, old_logp, A, mask, cfg, bapo_bounds=bounds)  # bounds: "bapo" only
     loss.backward()
-Tests: `python -m pytest tests/test_maspo.py -q`; benchmark: `python bench/logprobs.py`.
+BAPO: once per mini-batch, before its micro-batches, with pi_theta before this mini-batch's update:
+    stats = sum over the mini-batch's micro-batches of bapo_stats(logp, old_logp, A, mask)  # [K, 2], no grad
+    all_reduce(stats, SUM)                       # every rank then picks the same bounds
+    bounds = bapo_pick(stats, cfg)               # [2] = (c_low, c_high), used by all its micro-batches
+Tests: `python -m pytest tests/test_maspo.py -q`.
 
-Legend. Shapes: G group size, B sequences, T tokens, V vocabulary. Symbols (per token t):
-    rho = pi_theta / pi_old (ratio)       p_old = q = pi_old(o_t)         A = advantage of the sequence
-    m = mass-adaptive width               k_pos, k_neg = risk factors      sigma_pos, sigma_neg = m * k
-    F = gate weight: gradient = -A * F * rho * grad log pi_theta (F = 1: plain policy gradient)
-    sg(.) = stop-gradient (.detach())     H = next-token entropy           tau = SAPO temperature
-    r_low, r_high = ratio bounds (clip methods)   c = dual-clip bound   c_low, c_high = BAPO bounds
+Legend. Shapes: G group size, B sequences, T tokens, K candidate bounds of BAPO's search.
+Symbols (per token t of sequence i):
+    rho = pi_theta / pi_old (ratio)       p_old = q = pi_old(o_t)          A = advantage (of sequence i)
+    m = mass-adaptive width               k_pos, k_neg = risk factors       sigma_pos, sigma_neg = m * k
+    F = gate weight: gradient of loss_t = -A * F * rho * grad log pi_theta (F = 1: plain policy gradient)
+    sg(.) = stop-gradient (.detach())     H = next-token entropy            tau = SAPO's temperature
+    eps_low, eps_high = clip_low, clip_high     r_low, r_high = ratio bounds     c = dual clip (clip_c)
+    c_low, c_high = BAPO's bounds         a, kappa = Entropy-Adv's coefficient and cap
 
-Where we deviate from the paper or the authors' verl patch, and why:
-  1. log rho is clamped to [-20, 20] before exp (as verl does): keeps rho finite; no gradient
-     flows through a clamped token.
-  2. k_neg is computed from min(A, 0): for A > 0 (where k_neg is unused) 1 - beta_neg * A could
-     reach 0; the value used (A < 0) is exactly the paper's.
-  3. maspo_loss refuses sigma_base > sigma_high: the clamp of m would be empty (torch would
-     silently return sigma_high). "sigma_base -> inf" therefore means sigma_high -> inf too.
-  4. For the clip methods F is the 0/1 indicator "this token's gradient survives the clip", for
-     SAPO F = sech^2(tau (rho - 1) / 2) = g / rho, so gate_mean / gate_low_frac mean the same
-     thing for every objective (for clip methods gate_low_frac is the clipped share).
-  5. approx_kl is the k3 estimator of KL(pi_old || pi_theta), mean of rho - 1 - log rho
-     (verl logs k1, mean of -log rho, which can be negative).
-  6. seq-mean-token-sum-norm is Dr. GRPO's 1/B * sum_i (sum_t loss_t) / L with L = cfg.norm_len
-     (0: the padded length T); verl divides the sum by T only, without 1/B.
-  7. One aggregation (cfg.agg, default token-mean, the verl setting of the paper) for every
-     objective. SAPO's and the original GRPO's per-sequence mean is agg="seq-mean-token-mean".
-  8. DAC uses (eps_low, eps_high) = (0.16, 0.2), the values of PAPER.md's table, and the shared
-     dual clip c = clip_c = 3. DCPO's own scripts use 0.2 / 0.28 and c = 10.
-  9. BAPO follows the paper's rule as we read it: start at (c_low, c_high) = (0.6, 1.2), raise both
-     by their steps (capped at 0.9 / 3.0) and keep the first pair for which the positive share of
-     sum_t p_old * |A * rho| over tokens whose gradient survives reaches rho_0. The authors' verl
-     code instead raises c_low first, then c_high, uses unweighted clipped values, and all-reduces
-     its statistics across ranks; here the search sees only the tensors of one call (no
-     collectives in pure math), so micro-batches and ranks may pick different bounds.
- 10. Entropy-Advantage is implemented from secondary descriptions: A' = A + min(a * sg(H), |A| / kappa),
-     H the current policy's entropy handed in by the caller.
- 11. The k3 KL to the reference, exp(ref - logp) - (ref - logp) - 1, is clamped to <= 10 (verl).
- 12. token_logprobs and entropy are custom autograd functions (memory): they support one backward,
-     not double backward.
+Deviations from the papers and from the authors' code, and why:
+  1. log rho is clamped to [-20, 20] before exp, as verl does (the papers do not): rho stays finite. A
+     clamped token gets no gradient.
+  2. k_neg is computed from min(A, 0). The MASPO authors compute 1 / (1 - beta_neg * A) for every token
+     and keep it only where A < 0; for large A > 0 that intermediate is negative or infinite. The values
+     used are identical.
+  3. maspo_loss refuses sigma_base > sigma_high. The authors' torch.clamp(x, lo, hi) with lo > hi
+     silently returns hi; we would rather say so. (sigma_base -> inf therefore needs sigma_high -> inf.)
+  4. Metrics only: F is, for the clip methods, the 0/1 indicator "this token's gradient survives the
+     clip", and for SAPO sech^2(tau (rho - 1) / 2) = g / rho, so gate_mean / gate_low_frac read alike
+     for every objective. verl logs pg_clipfrac instead.
+  5. Metrics only: approx_kl is the k3 estimator of KL(pi_old || pi_theta), mean of rho - 1 - log rho;
+     verl logs k1, mean of -log rho, which can be negative.
+  6. seq-mean-token-sum-norm is Dr. GRPO's 1/B * sum_i (sum_t loss_t) / L with L = norm_len (None: the
+     padded length T); verl divides the sum by L only, without 1/B, so its loss grows with the batch.
+  7. Aggregation defaults per objective (DEFAULTS): token-mean (the verl setting of the MASPO paper's
+     runs), except SAPO: seq-mean-token-mean, because verl's SAPO (volcengine/verl and the MASPO
+     authors' fork) always aggregates so, ignoring loss_agg_mode. Here LossConfig.agg, when set,
+     overrides it for SAPO too, so that objectives can also be compared at one aggregation.
+  8. DAC reads clip_low / clip_high as the eps of |(r - 1) r q| <= eps, with (0.16, 0.2) and the shared
+     dual clip c = 3 by default (bounds q = 0.9 -> [0.769, 1.187], q = 0.1 -> [0.5, 2.0]). DCPO's own
+     scripts use 0.2 / 0.28 and c = 10; we keep GRPO's dual clip so that only the bounds differ.
+  9. BAPO follows the authors' verl code (WooooDyy/BAPO, recipe/bapo/policy_loss.py), which is what
+     they ran, where the paper's prose leaves details open: (a) each token counts at its clipped
+     value, A * min(rho, c_high) where A >= 0 and A * max(rho, c_low) where A < 0, unweighted, no dual
+     clip in the statistics; (b) c_low climbs to its maximum first, then c_high; (c) the target is
+     positive / (negative + 1e-8) >= rho_0, not a positive share; (d) the statistics are summed over
+     ranks before the pick. Numbers: ranges [0.6, 0.9] and [1.2, 3.0] and rho_0 = 0.5 from the README
+     ("as used in the paper"; its example script also passes 0.5), steps 0.05 (the recipe config's
+     defaults); the recipe's yaml has [0.6, 0.8], [1.2, 2.0] and target 1. A consequence of (a),
+     reproduced as is: raising c_low can only add to the negative contribution, so when the start
+     misses rho_0, c_low always ends at its maximum and c_high does the work.
+     Where we differ: the authors search inside every micro-batch's loss call (statistics all-reduced
+     over ranks but not over micro-batches, so one optimizer step mixes bounds); our loop sums the
+     statistics over the whole mini-batch and all ranks, with the policy before that mini-batch's
+     update, and uses one pair of bounds for the whole optimizer step: the "globally consistent"
+     decision their own code comment asks for, carried across micro-batches. All candidates are
+     evaluated at once (bapo_stats) instead of in a while loop with a device sync per step; the pick
+     is the same. Without bapo_bounds, policy_loss searches on its own tokens only.
+ 10. Entropy-Advantage: H is whatever the caller hands in, and the loop offers two sources: "old", the
+     entropy of pi_old from the no-grad pass that computes old_logp (one H for all mini-batches and
+     epochs, no extra cost), and "current", the entropy of pi_theta from each micro-batch's own
+     forward. The paper presents the shaping as a one-line change of the advantage inside the PPO /
+     GRPO update with H detached; we found no code by its authors, and the verl re-implementations we
+     read add it in the actor's update loop with the entropy of that same forward, i.e. "current"
+     (equal to "old" on the first mini-batch of each step). Both are at the sampling temperature.
+ 11. The k3 KL to the reference, e^d - d - 1 with d = log pi_ref - log pi_theta clamped to [-20, 20],
+     is capped at 10 (verl's low_var_kl); a capped token gets no gradient.
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -69,148 +102,58 @@ import torch
 
 @dataclass
 class LossConfig:
-    loss: str = "maspo"           # objective: maspo | grpo | clip_higher | dac | sapo | bapo | entropy_adv
-    # MASPO (PAPER.md "The three components")
-    sigma_base: float = 1.0       # sigma_base: base gate width, default 1
-    alpha: float = 0.3            # alpha: mass-adaptive exponent of m = sigma_base / p_old^alpha, default 0.3
-    sigma_high: float = 10.0      # sigma_high: upper clamp of m, default 10
-    beta_pos: float = 0.03        # beta_pos: k_pos = 1 + beta_pos * A, default 0.03
-    beta_neg: float = 0.03        # beta_neg: k_neg = 1 / (1 - beta_neg * A), default 0.03
-    adv_low: float = 0.1          # adv_low: lower clamp of k_pos / k_neg, default 0.1
-    adv_high: float = 10.0        # adv_high: upper clamp of k_pos / k_neg, default 10
-    # GRPO / Clip-Higher (PPO min-form, verl dual clip)
-    clip_low: float = 0.2         # eps_low: rho >= 1 - eps_low for A < 0 (grpo, clip_higher), default 0.2
-    clip_high: float = 0.2        # eps_high of grpo: rho <= 1 + eps_high for A > 0, default 0.2
-    clip_high_dapo: float = 0.28  # eps_high of clip_higher (DAPO), default 0.28
-    clip_c: float = 3.0           # c: dual clip, rho <= c for A < 0 (grpo, clip_higher, dac, bapo), default 3
-    # DAC (DCPO): bounds from |(rho - 1) rho q| <= eps
-    dac_eps_low: float = 0.16     # eps_low of r_low(q), default 0.16 (PAPER.md table; DCPO scripts 0.2)
-    dac_eps_high: float = 0.2     # eps_high of r_high(q), default 0.2 (DCPO scripts 0.28)
-    dac_r_max: float = 10.0       # cap on r_high(q), default 10
-    # SAPO
-    sapo_tau_pos: float = 1.0     # tau_pos: gate temperature for A > 0, default 1.0
-    sapo_tau_neg: float = 1.05    # tau_neg: gate temperature for A <= 0, default 1.05
-    # BAPO: per-batch search of ratio bounds (c_low, c_high)
-    bapo_low_start: float = 0.6   # a^-: first c_low, default 0.6
-    bapo_low_step: float = 0.02   # delta^-: c_low step, default 0.02
-    bapo_low_max: float = 0.9     # b^-: largest c_low, default 0.9
-    bapo_high_start: float = 1.2  # a^+: first c_high, default 1.2
-    bapo_high_step: float = 0.05  # delta^+: c_high step, default 0.05
-    bapo_high_max: float = 3.0    # b^+: largest c_high, default 3.0
-    bapo_rho_0: float = 0.4       # rho_0: target positive share of the contribution, default 0.4
-    # Entropy-Advantage: A' = A + min(a * sg(H), |A| / kappa)
-    ent_adv_a: float = 0.4        # a (alpha in arXiv 2506.14758): entropy coefficient, default 0.4
-    ent_adv_kappa: float = 2.0    # kappa: the bonus is at most |A| / kappa, default 2
-    # Aggregation and KL
-    agg: str = "token-mean"       # aggregation, one of AGG_MODES, default token-mean (DAPO / verl)
-    norm_len: int = 0             # L of seq-mean-token-sum-norm (Dr. GRPO's budget); 0 = padded length T
-    kl_coef: float = 0.0          # beta_KL: weight of the k3 KL to the reference policy, default 0 (off)
+    loss: str = "maspo"  # objective, a key of LOSSES: maspo | grpo | clip_higher | dac | sapo | bapo | entropy_adv
+    sigma_base: float = 1.0  # sigma_base: MASPO's base gate width, default 1
+    alpha: float = 0.3  # alpha: mass exponent, m = clamp(sigma_base / p_old^alpha, sigma_base, sigma_high), default 0.3
+    sigma_high: float = 10.0  # sigma_high: upper clamp of m, default 10
+    beta_pos: float = 0.03  # beta_pos: k_pos = clamp(1 + beta_pos A, adv_low, adv_high), default 0.03
+    beta_neg: float = 0.03  # beta_neg: k_neg = clamp(1 / (1 - beta_neg A), adv_low, adv_high), default 0.03
+    adv_low: float = 0.1  # adv_low: lower clamp of k_pos and k_neg, default 0.1
+    adv_high: float = 10.0  # adv_high: upper clamp of k_pos and k_neg, default 10
+    clip_low: float | None = None  # eps_low: rho >= 1 - eps_low; DAC: eps of r_low(q); default per objective
+    clip_high: float | None = None  # eps_high: rho <= 1 + eps_high; DAC: eps of r_high(q); default per objective
+    clip_c: float = 3.0  # c: dual clip, rho <= c where A < 0 (grpo, clip_higher, entropy_adv, dac, bapo), default 3
+    ent_adv_a: float = 0.4  # a (alpha in arXiv 2506.14758): Entropy-Adv's coefficient of sg(H), default 0.4
+    ent_adv_kappa: float = 2.0  # kappa (> 1): Entropy-Adv's bonus is at most |A| / kappa, default 2
+    agg: str | None = None  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm; default per objective
+    kl_coef: float = 0.0  # beta_KL: weight of the k3 KL to a reference policy, default 0 (off)
 
 
+# Defaults of the fields left None, per objective (resolve() fills them in; log the resolved config).
+#              clip_low clip_high  agg
+DEFAULTS = {
+    "maspo":       (None, None, "token-mean"),           # MASPO reads no clip bound (no clip, no dual clip)
+    "grpo":        (0.2,  0.2,  "token-mean"),           # verl's PPO clip
+    "clip_higher": (0.2,  0.28, "token-mean"),           # DAPO's decoupled eps_high
+    "dac":         (0.16, 0.2,  "token-mean"),           # eps of |(r - 1) r q| <= eps (deviation 8)
+    "sapo":        (None, None, "seq-mean-token-mean"),  # verl's SAPO (deviation 7)
+    "bapo":        (None, None, "token-mean"),           # bounds searched (bapo_stats / bapo_pick)
+    "entropy_adv": (0.2,  0.2,  "token-mean"),           # GRPO on shaped advantages
+}
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
-# ----------------------------------------------------------------------------------------------
-# 1. Log-probs and entropy, chunked over tokens (never a full [B, T, V] float32 tensor)
+# Constants nobody tunes, with their source.
+LOG_RATIO_MAX = 20.0  # |log rho| <= 20 before exp (verl; deviation 1)
+KL_MAX = 10.0         # k3 <= 10 (verl's low_var_kl; deviation 11)
+DAC_R_MAX = 10.0      # r_high(q) <= 10 (the cap in DCPO's code; not re-read here)
+BAPO_LOW = (0.6, 0.05, 0.9)   # a^-, delta^-, b^-: c_low's start, step, maximum. a, b: BAPO's README ("as
+BAPO_HIGH = (1.2, 0.05, 3.0)  # a^+, delta^+, b^+  used in the paper"); steps: BAPOPolicyLossConfig's defaults
+BAPO_EPS = 1e-8       # positive / (negative + eps) (BAPOPolicyLossConfig.eps)
+BAPO_RHO_0 = 0.5      # rho_0: target of positive / negative contribution (BAPO's README and example script)
+SAPO_TAU_POS, SAPO_TAU_NEG = 1.0, 1.05  # tau_pos (A > 0), tau_neg (A <= 0): SAPO's gate temperatures (its paper, verl)
 
 
-def _wide(dtype):
-    """The dtype chunks are computed in: float32, or float64 for float64 logits."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _blocks(B, T, chunk_size):
-    """(b0, b1, t0, t1) blocks of about chunk_size tokens tiling [B, T]; slices stay views."""
-    if T >= chunk_size:
-        return [(b, b + 1, t, min(t + chunk_size, T)) for b in range(B) for t in range(0, T, chunk_size)]
-    rows = max(chunk_size // max(T, 1), 1)
-    return [(b, min(b + rows, B), 0, T) for b in range(0, B, rows)]
-
-
-class _TokenLogprobs(torch.autograd.Function):
-    """log pi(o_t) = log_softmax(x)[o_t]; backward: d/dx_v = 1[v = o_t] - softmax(x)_v."""
-
-    @staticmethod
-    def forward(ctx, logits, ids, chunk_size):
-        B, T, V = logits.shape
-        dt = _wide(logits.dtype)
-        logp = logits.new_empty(B, T, dtype=dt)                            # [B, T]
-        lse = logits.new_empty(B, T, dtype=dt)                             # [B, T] logsumexp(x)
-        for b0, b1, t0, t1 in _blocks(B, T, chunk_size):
-            x = logits[b0:b1, t0:t1].to(dt)                                # [b, t, V] float32, one chunk
-            i = ids[b0:b1, t0:t1, None]                                    # [b, t, 1]
-            logp[b0:b1, t0:t1] = torch.log_softmax(x, dim=-1).gather(-1, i).squeeze(-1)
-            lse[b0:b1, t0:t1] = x.gather(-1, i).squeeze(-1) - logp[b0:b1, t0:t1]  # x[o_t] - log pi
-        ctx.save_for_backward(logits, ids, lse)
-        ctx.chunk_size = chunk_size
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad_logp):
-        logits, ids, lse = ctx.saved_tensors
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # [B, T, V]
-        for b0, b1, t0, t1 in _blocks(*logits.shape[:2], ctx.chunk_size):
-            g = grad_logp[b0:b1, t0:t1, None].to(lse.dtype)                # [b, t, 1]
-            out = grad[b0:b1, t0:t1]
-            inplace = out.dtype == lse.dtype  # float32 logits: write straight into grad, no extra chunk
-            p = torch.sub(logits[b0:b1, t0:t1], lse[b0:b1, t0:t1, None], out=out if inplace else None)
-            p.exp_().mul_(-g).scatter_add_(-1, ids[b0:b1, t0:t1, None], g)  # g * (onehot - softmax)
-            if not inplace:
-                out.copy_(p)
-        return grad, None, None
-
-
-class _Entropy(torch.autograd.Function):
-    """H = -sum_v p_v log p_v; backward: dH/dx_v = -p_v (log p_v + H)."""
-
-    @staticmethod
-    def forward(ctx, logits, chunk_size):
-        B, T, V = logits.shape
-        H = logits.new_empty(B, T, dtype=_wide(logits.dtype))              # [B, T]
-        for b0, b1, t0, t1 in _blocks(B, T, chunk_size):
-            logq = torch.log_softmax(logits[b0:b1, t0:t1].to(H.dtype), dim=-1)  # log p, [b, t, V]
-            H[b0:b1, t0:t1] = -(logq.exp() * logq).sum(-1)
-        ctx.save_for_backward(logits, H)
-        ctx.chunk_size = chunk_size
-        return H
-
-    @staticmethod
-    def backward(ctx, grad_H):
-        logits, H = ctx.saved_tensors
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # [B, T, V]
-        for b0, b1, t0, t1 in _blocks(*logits.shape[:2], ctx.chunk_size):
-            logq = torch.log_softmax(logits[b0:b1, t0:t1].to(H.dtype), dim=-1)  # log p, recomputed
-            p = logq.exp()
-            g = grad_H[b0:b1, t0:t1, None].to(H.dtype)                     # [b, t, 1]
-            grad[b0:b1, t0:t1] = logq.add_(H[b0:b1, t0:t1, None]).mul_(p).mul_(-g)  # -g p (log p + H)
-        return grad, None
-
-
-def _check_logits(logits, chunk_size):
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-
-
-def token_logprobs(logits, ids, chunk_size=256):
-    """log pi(o_t) of the chosen tokens: logits [B, T, V] (any float dtype), ids [B, T] -> [B, T]
-    float32 (float64 for float64 logits). Works in float32 on chunk_size tokens at a time, forward
-    and backward; differentiable with respect to logits. Equals log_softmax(logits.float()).gather(ids)."""
-    _check_logits(logits, chunk_size)
-    if ids.shape != logits.shape[:2]:
-        raise ValueError(f"ids {tuple(ids.shape)} must match logits[:2] {tuple(logits.shape[:2])}")
-    return _TokenLogprobs.apply(logits, ids.long(), chunk_size)
-
-
-def entropy(logits, chunk_size=256):
-    """Next-token entropy H_t = -sum_v p_v log p_v per position: logits [B, T, V] -> [B, T]
-    float32 (float64 for float64 logits), chunked like token_logprobs and differentiable.
-    Detach it before handing it to policy_loss for Entropy-Advantage."""
-    _check_logits(logits, chunk_size)
-    return _Entropy.apply(logits, chunk_size)
+def resolve(cfg):
+    """cfg with clip_low, clip_high and agg taken from DEFAULTS[cfg.loss] where left None."""
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"unknown LossConfig.loss {cfg.loss!r}; choose one of {sorted(LOSSES)}")
+    clip_low, clip_high, agg = DEFAULTS[cfg.loss]
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return dataclasses.replace(cfg, clip_low=pick(cfg.clip_low, clip_low),
+                               clip_high=pick(cfg.clip_high, clip_high), agg=pick(cfg.agg, agg))
 
 # ----------------------------------------------------------------------------------------------
-# 2. Group advantages
+# Advantages
 
 
 def group_advantages(rewards, group_size, scale_by_std=True, eps=1e-6):
@@ -220,7 +163,7 @@ def group_advantages(rewards, group_size, scale_by_std=True, eps=1e-6):
     if rewards.dim() != 1 or group_size < 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} entries, "
                          f"got shape {tuple(rewards.shape)}")
-    R = rewards.to(_wide(rewards.dtype)).view(-1, group_size)               # [prompts, G]
+    R = rewards.to(torch.promote_types(rewards.dtype, torch.float32)).view(-1, group_size)  # [prompts, G]
     if group_size == 1:
         mean, std = torch.zeros_like(R), torch.ones_like(R)
     else:
@@ -228,10 +171,21 @@ def group_advantages(rewards, group_size, scale_by_std=True, eps=1e-6):
     A = (R - mean) / (std + eps) if scale_by_std else R - mean             # Eq. A_i
     return A.view(-1)
 
+
+def entropy_advantage(A, H, cfg):
+    """Entropy-Advantage shaping (arXiv 2506.14758): A' = A + min(a * sg(H), |A| / kappa).
+    A [B] or [B, T], H [B, T] (which policy's entropy: deviation 10) -> A' [B, T]. For kappa > 1 the
+    bonus never flips the sign of A and is 0 where A = 0. The caller applies it before policy_loss."""
+    if not cfg.ent_adv_kappa > 1:
+        raise ValueError(f"ent_adv_kappa must be > 1 (else the bonus can cancel A), got {cfg.ent_adv_kappa}")
+    A = A[:, None] if A.dim() == 1 else A                                  # [B, 1] or [B, T]
+    bonus = torch.minimum(cfg.ent_adv_a * H.detach(), A.abs() / cfg.ent_adv_kappa)  # sg(H): H is data
+    return A + bonus                                                       # Eq. A' = A + min(a sg(H), |A| / kappa)
+
 # ----------------------------------------------------------------------------------------------
-# 3. The objectives. Each takes rho, A, p_old, mask [B, T] and the config, and returns
-#    (loss_t [B, T], F [B, T], extra). The gradient of loss_t is -A * F * rho * grad log pi.
-#    extra: per-token or scalar tensors averaged into metrics.
+# The objectives. Each takes rho, A, p_old, mask [B, T] and the resolved config and returns
+# (loss_t [B, T], F [B, T], extra): the gradient of loss_t is -A * F * rho * grad log pi_theta;
+# extra holds per-token or scalar tensors averaged into the metrics.
 
 
 def maspo_loss(rho, A, p_old, mask, cfg):
@@ -256,7 +210,7 @@ def maspo_loss(rho, A, p_old, mask, cfg):
 
 
 def _ppo_clip(rho, A, r_low, r_high, c):
-    """PPO min-form with ratio bounds [r_low, r_high] (floats or [B, T]) and dual clip c for A < 0."""
+    """PPO min-form with ratio bounds [r_low, r_high] (numbers or tensors) and dual clip c for A < 0."""
     if c <= 1:
         raise ValueError(f"dual clip c (clip_c) must be > 1, got {c}")
     loss_1 = -A * rho                                                      # Eq. -rho A
@@ -272,22 +226,17 @@ def _ppo_clip(rho, A, r_low, r_high, c):
 
 
 def grpo_loss(rho, A, p_old, mask, cfg):
-    """GRPO as in verl: hard clip [1 - eps_low, 1 + eps_high], dual clip c for A < 0."""
+    """GRPO as in verl: hard clip [1 - eps_low, 1 + eps_high], dual clip c for A < 0. Clip-Higher
+    (DAPO) is the same with eps_high 0.28, Entropy-Adv the same on shaped advantages (DEFAULTS)."""
     loss_t, F = _ppo_clip(rho, A, 1 - cfg.clip_low, 1 + cfg.clip_high, cfg.clip_c)
-    return loss_t, F, {}
-
-
-def clip_higher_loss(rho, A, p_old, mask, cfg):
-    """Clip-Higher (DAPO): GRPO with the decoupled upper bound 1 + clip_high_dapo (0.28)."""
-    loss_t, F = _ppo_clip(rho, A, 1 - cfg.clip_low, 1 + cfg.clip_high_dapo, cfg.clip_c)
     return loss_t, F, {}
 
 
 def dac_bounds(q, cfg):
     """DAC ratio bounds from |(r - 1) r q| <= eps: q = p_old [B, T] -> (r_low, r_high) [B, T]."""
-    r_low = 0.5 + 0.5 * torch.sqrt(torch.clamp(1 - 4 * cfg.dac_eps_low / q, min=0))  # Eq. r_low(q)
-    r_high = 0.5 + 0.5 * torch.sqrt(1 + 4 * cfg.dac_eps_high / q)                    # Eq. r_high(q)
-    return r_low, torch.clamp(r_high, max=cfg.dac_r_max)                             # Eq. r_high <= r_max
+    r_low = 0.5 + 0.5 * torch.sqrt(torch.clamp(1 - 4 * cfg.clip_low / q, min=0))  # Eq. r_low(q)
+    r_high = 0.5 + 0.5 * torch.sqrt(1 + 4 * cfg.clip_high / q)                    # Eq. r_high(q)
+    return r_low, torch.clamp(r_high, max=DAC_R_MAX)                              # Eq. r_high <= 10
 
 
 def dac_loss(rho, A, p_old, mask, cfg):
@@ -299,55 +248,73 @@ def dac_loss(rho, A, p_old, mask, cfg):
 
 def sapo_loss(rho, A, p_old, mask, cfg):
     """SAPO: -A (4 / tau) sigmoid(tau (rho - 1)); not detached, so g = sech^2(tau (rho - 1) / 2) rho."""
-    tau = torch.where(A > 0, rho.new_tensor(cfg.sapo_tau_pos), rho.new_tensor(cfg.sapo_tau_neg))  # Eq. tau
+    tau = torch.where(A > 0, rho.new_tensor(SAPO_TAU_POS), rho.new_tensor(SAPO_TAU_NEG))  # Eq. tau
     s = torch.sigmoid(tau * (rho - 1))                                     # Eq. sigmoid(tau (rho - 1))
     loss_t = -A * (4 / tau) * s                                            # Eq. loss_t
     F = (4 * s * (1 - s)).detach()  # stop-gradient: metric only; sech^2(tau (rho - 1) / 2) = g / rho
     return loss_t, F, {}
 
 
-def bapo_bounds(rho, A, p_old, mask, cfg):
-    """BAPO's search (deviation 9): the first (c_low, c_high) on the path start + k * step (capped)
-    whose surviving tokens give positive-advantage tokens a share >= rho_0 of sum p_old |A rho|."""
-    K = max(math.ceil((cfg.bapo_low_max - cfg.bapo_low_start) / cfg.bapo_low_step - 1e-9),
-            math.ceil((cfg.bapo_high_max - cfg.bapo_high_start) / cfg.bapo_high_step - 1e-9), 0)
-    k = torch.arange(K + 1, device=rho.device, dtype=rho.dtype)[:, None, None]  # [K+1, 1, 1]
-    c_low = (cfg.bapo_low_start + k * cfg.bapo_low_step).clamp(max=cfg.bapo_low_max)
-    c_high = (cfg.bapo_high_start + k * cfg.bapo_high_step).clamp(max=cfg.bapo_high_max)
-    r = rho.detach()  # stop-gradient: the search picks bounds, it is not differentiated
-    cut = ((A > 0) & (r > c_high)) | ((A < 0) & ((r < c_low) | (r > cfg.clip_c)))  # [K+1, B, T]
-    w = p_old * (A * r).abs() * mask * (~cut)                              # Eq. p_old |A rho| if kept
-    share = (w * (A > 0)).sum((1, 2)) / w.sum((1, 2)).clamp(min=1e-30)    # Eq. rho = pos / all, [K+1]
-    reached = share >= cfg.bapo_rho_0
-    i = torch.where(reached.any(), reached.int().argmax(), K)              # first k that reaches rho_0
-    return c_low.view(-1)[i], c_high.view(-1)[i]
+def bapo_path(device=None):
+    """BAPO's candidate bounds in the authors' search order: c_low from a^- up to b^- (c_high = a^+),
+    then c_high from a^+ + delta^+ up to b^+ (c_low = b^-). -> [K, 2] float64, columns (c_low, c_high)."""
+    (a_lo, d_lo, b_lo), (a_hi, d_hi, b_hi) = BAPO_LOW, BAPO_HIGH
+    n_lo, n_hi = (math.ceil((b - a) / d - 1e-9) for a, b, d in ((a_lo, b_lo, d_lo), (a_hi, b_hi, d_hi)))
+    path = [(round(min(a_lo + k * d_lo, b_lo), 9), a_hi) for k in range(n_lo + 1)]
+    path += [(b_lo, round(min(a_hi + k * d_hi, b_hi), 9)) for k in range(1, n_hi + 1)]
+    return torch.tensor(path, dtype=torch.float64, device=device)
 
 
-def bapo_loss(rho, A, p_old, mask, cfg):
-    """BAPO: PPO min-form with the per-batch bounds (c_low, c_high) of bapo_bounds; dual clip c."""
-    c_low, c_high = bapo_bounds(rho, A, p_old, mask, cfg)
+def _bapo_contributions(rho, A, mask):
+    """[K, 2]: per candidate, (sum of the positive, sum of the negative) A * clipped rho over tokens."""
+    path = bapo_path(rho.device)[:, :, None, None]                        # [K, 2, 1, 1]
+    r = rho.detach().double()  # stop-gradient: the search picks bounds, it is not differentiated
+    r_eff = torch.where(A >= 0, torch.minimum(r, path[:, 1]), torch.maximum(r, path[:, 0]))  # [K, B, T]
+    x = r_eff * A * mask                                                   # Eq. A * clipped rho (deviation 9a)
+    return torch.stack([x.clamp(min=0).sum((1, 2)), (-x).clamp(min=0).sum((1, 2))], dim=1)
+
+
+def bapo_stats(logp, old_logp, adv, mask):
+    """BAPO's search statistics for these tokens: logp, old_logp, mask [B, T], adv [B] or [B, T] (as for
+    policy_loss) -> [K, 2] float64, row k = (positive, negative) contribution at bapo_path()[k]. Sums of
+    tokens: add them up over micro-batches and all-reduce (SUM) over ranks, then call bapo_pick."""
+    A = (adv[:, None] if adv.dim() == 1 else adv).detach().double()       # [B, 1] or [B, T]
+    rho, _ = ratio(logp.detach(), old_logp)
+    return _bapo_contributions(rho, A, mask.double())
+
+
+def bapo_pick(stats, cfg=None):
+    """(c_low, c_high) [2]: the first candidate of bapo_path() whose positive / (negative + eps)
+    reaches rho_0 (no negative contribution counts as reached), else the last one. stats [K, 2]."""
+    pos, neg = stats[:, 0], stats[:, 1]
+    pos_neg = torch.where(neg > 0, pos / (neg + BAPO_EPS), math.inf)       # Eq. pos / (neg + eps) (9c)
+    reached = pos_neg >= BAPO_RHO_0
+    k = torch.where(reached.any(), reached.int().argmax(), len(stats) - 1)  # first reached, else the widest
+    return bapo_path(stats.device)[k]
+
+
+def bapo_loss(rho, A, p_old, mask, cfg, bounds=None):
+    """BAPO: PPO min-form with bounds (c_low, c_high) = bounds (picked by the caller for the whole
+    mini-batch, bapo_pick) or, when None, searched on this call's tokens; dual clip c."""
+    if bounds is None:
+        bounds = bapo_pick(_bapo_contributions(rho, A, mask), cfg)
+    c_low, c_high = bounds.to(rho.dtype)
     loss_t, F = _ppo_clip(rho, A, c_low, c_high, cfg.clip_c)
     return loss_t, F, {"bapo_c_low": c_low, "bapo_c_high": c_high}
-
-
-def entropy_advantage(A, H, cfg):
-    """Entropy-Advantage shaping: A' = A + min(a * sg(H), |A| / kappa); A, H [B, T] -> A' [B, T].
-    Never flips the sign of A, is 0 where A = 0."""
-    return A + torch.minimum(cfg.ent_adv_a * H.detach(), A.abs() / cfg.ent_adv_kappa)  # Eq. A'; sg(H)
 
 
 LOSSES = {
     "maspo": maspo_loss,
     "grpo": grpo_loss,
-    "clip_higher": clip_higher_loss,
+    "clip_higher": grpo_loss,  # GRPO with eps_high 0.28 (DEFAULTS)
     "dac": dac_loss,
     "sapo": sapo_loss,
     "bapo": bapo_loss,
-    "entropy_adv": grpo_loss,  # GRPO on entropy-shaped advantages (policy_loss shapes A first)
+    "entropy_adv": grpo_loss,  # GRPO on A' = entropy_advantage(A, H, cfg), shaped by the caller
 }
 
 # ----------------------------------------------------------------------------------------------
-# 4. Aggregation, KL, and the entry point
+# Aggregation and the entry point
 
 
 def aggregate(loss_t, mask, agg, num_tokens=None, num_seqs=None, norm_len=0):
@@ -366,9 +333,13 @@ def aggregate(loss_t, mask, agg, num_tokens=None, num_seqs=None, norm_len=0):
     raise ValueError(f"unknown agg {agg!r}; choose one of {AGG_MODES}")
 
 
-def _check_inputs(logp, old_logp, adv, mask, cfg, num_tokens, num_seqs):
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"unknown LossConfig.loss {cfg.loss!r}; choose one of {sorted(LOSSES)}")
+def ratio(logp, old_logp):
+    """rho = exp(clamp(logp - sg(old_logp), -20, 20)) and the clamped log-ratio, both [B, T]."""
+    log_ratio = torch.clamp(logp - old_logp.detach(), -LOG_RATIO_MAX, LOG_RATIO_MAX)  # sg: pi_old is data
+    return torch.exp(log_ratio), log_ratio                                 # Eq. rho = pi_theta / pi_old
+
+
+def _check_inputs(logp, old_logp, adv, mask, cfg, bapo_bounds, num_tokens, num_seqs):
     if cfg.agg not in AGG_MODES:
         raise ValueError(f"unknown LossConfig.agg {cfg.agg!r}; choose one of {AGG_MODES}")
     if logp.dim() != 2 or old_logp.shape != logp.shape or mask.shape != logp.shape:
@@ -376,22 +347,28 @@ def _check_inputs(logp, old_logp, adv, mask, cfg, num_tokens, num_seqs):
                          f"{tuple(old_logp.shape)}, {tuple(mask.shape)}")
     if adv.shape not in (logp.shape[:1], logp.shape):
         raise ValueError(f"adv must be [B] or [B, T] with B, T = {tuple(logp.shape)}, got {tuple(adv.shape)}")
+    if bapo_bounds is not None and (LOSSES[cfg.loss] is not bapo_loss or bapo_bounds.shape != (2,)):
+        raise ValueError(f"bapo_bounds (a [2] tensor from bapo_pick) is read by loss 'bapo' only; got "
+                         f"shape {tuple(bapo_bounds.shape)} with loss {cfg.loss!r}")
     for name, n in (("num_tokens", num_tokens), ("num_seqs", num_seqs)):
         if n is not None and not n > 0:
             raise ValueError(f"{name} must be > 0 when given, got {n}")
 
 
-def policy_loss(logp, old_logp, adv, mask, cfg, ref_logp=None, entropy=None,
-                num_tokens=None, num_seqs=None):
+def policy_loss(logp, old_logp, adv, mask, cfg, ref_logp=None, bapo_bounds=None,
+                num_tokens=None, num_seqs=None, norm_len=None):
     """Policy loss of cfg.loss and its metrics.
 
-    logp [B, T] (with grad), old_logp [B, T] (pi_old, no grad), adv [B] or [B, T], mask [B, T] (1 on
-    response tokens; padded positions may hold any finite log-prob). ref_logp [B, T]: reference log-probs for the k3 KL (needed if kl_coef > 0).
-    entropy [B, T]: detached policy entropy, needed only by "entropy_adv".
-    num_tokens / num_seqs: the normaliser of the aggregation instead of this call's own count.
+    logp [B, T] (with grad), old_logp [B, T] (pi_old, no grad), adv [B] or [B, T] (already shaped by
+    entropy_advantage for "entropy_adv"), mask [B, T] (1 on response tokens; padded positions may
+    hold any finite log-prob). ref_logp [B, T]: reference log-probs for the k3 KL (needed if
+    kl_coef > 0). bapo_bounds [2]: BAPO's (c_low, c_high) from bapo_pick over the whole mini-batch
+    (loss "bapo" only; None: searched on this call's tokens).
+    num_tokens / num_seqs: the normaliser of the aggregation instead of this call's own count;
+    norm_len: L of seq-mean-token-sum-norm (Dr. GRPO's constant; None: the padded length T).
     For gradient accumulation over micro-batches pass the mini-batch totals (response tokens for
-    token-mean, sequences for the seq-mean modes; for seq-mean-token-sum-norm also fix
-    cfg.norm_len): the summed micro-batch gradients then equal one big-batch call exactly. Under
+    token-mean, sequences for the seq-mean modes; for seq-mean-token-sum-norm also a fixed
+    norm_len): the summed micro-batch gradients then equal one big-batch call exactly. Under
     gradient averaging across W ranks (DDP / FSDP), pass global_count / W. Default: local counts.
 
     Returns (loss, metrics): loss a scalar for .backward(); metrics python floats over response
@@ -401,28 +378,23 @@ def policy_loss(logp, old_logp, adv, mask, cfg, ref_logp=None, entropy=None,
     0.0 for other objectives), kl_ref (when ref_logp is given), and objective extras (bapo_c_low,
     bapo_c_high, dac_r_low_mean, dac_r_high_mean).
     """
-    _check_inputs(logp, old_logp, adv, mask, cfg, num_tokens, num_seqs)
+    cfg = resolve(cfg)
+    _check_inputs(logp, old_logp, adv, mask, cfg, bapo_bounds, num_tokens, num_seqs)
     mask = mask.to(logp.dtype)
     A = (adv[:, None] if adv.dim() == 1 else adv).to(logp.dtype).detach().expand_as(logp)  # [B, T]; sg: data
-    if cfg.loss == "entropy_adv":
-        if entropy is None:
-            raise ValueError('loss "entropy_adv" needs the per-token policy entropy: '
-                             "policy_loss(..., entropy=maspo.entropy(logits).detach())")
-        A = entropy_advantage(A, entropy, cfg)
-    old_logp = old_logp.detach()  # stop-gradient: pi_old is fixed data
-    log_ratio = torch.clamp(logp - old_logp, -20.0, 20.0)                  # deviation 1
-    rho = torch.exp(log_ratio)                                             # Eq. rho = pi_theta / pi_old
-    p_old = torch.exp(old_logp)                                            # Eq. p_old
-    loss_t, F, extra = LOSSES[cfg.loss](rho, A, p_old, mask, cfg)
-    loss = aggregate(loss_t, mask, cfg.agg, num_tokens, num_seqs, cfg.norm_len)
+    rho, log_ratio = ratio(logp, old_logp)                                 # deviation 1
+    p_old = torch.exp(old_logp.detach())                                   # Eq. p_old
+    extra_args = {} if bapo_bounds is None else {"bounds": bapo_bounds}
+    loss_t, F, extra = LOSSES[cfg.loss](rho, A, p_old, mask, cfg, **extra_args)
+    loss = aggregate(loss_t, mask, cfg.agg, num_tokens, num_seqs, norm_len or 0)
     kl_ref = None
     if cfg.kl_coef > 0 and ref_logp is None:
         raise ValueError(f"kl_coef={cfg.kl_coef} > 0 needs ref_logp (reference-policy log-probs)")
     if ref_logp is not None:
-        d = torch.clamp(ref_logp.detach() - logp, -20.0, 20.0)  # d = log pi_ref / pi_theta; sg(pi_ref)
-        kl_ref = torch.clamp(torch.exp(d) - d - 1, max=10.0)    # Eq. k3 = e^d - d - 1 (deviation 11)
+        d = torch.clamp(ref_logp.detach() - logp, -LOG_RATIO_MAX, LOG_RATIO_MAX)  # log pi_ref / pi_theta; sg(pi_ref)
+        kl_ref = torch.clamp(torch.exp(d) - d - 1, max=KL_MAX)           # Eq. k3 = e^d - d - 1 (deviation 11)
         if cfg.kl_coef > 0:
-            kl = aggregate(kl_ref, mask, cfg.agg, num_tokens, num_seqs, cfg.norm_len)
+            kl = aggregate(kl_ref, mask, cfg.agg, num_tokens, num_seqs, norm_len or 0)
             loss = loss + cfg.kl_coef * kl                                 # Eq. L + beta_KL * KL
     return loss, _metrics(rho.detach(), log_ratio.detach(), F, mask, extra,
                           None if kl_ref is None else kl_ref.detach())

@@ -1,4 +1,4 @@
-"""bench/logprobs.py: time and peak memory of maspo.token_logprobs against the naive
+"""bench/logprobs.py: time and peak memory of logprobs.token_logprobs against the naive
 log_softmax + gather, at B x T x V = 4 x 2048 x 32000 float32 on the CPU, in one run.
 
 Target (issue 2): the chunked forward needs <= 0.3x the naive peak memory at <= 1.2x its time.
@@ -34,14 +34,14 @@ def setup(args):
     """Inputs and the two methods; returns {name: call(pass_name)}."""
     sys.path.insert(0, ROOT)
     import torch
-    import maspo
+    import logprobs
     torch.manual_seed(0)
     logits = torch.randn(args.B, args.T, args.V)                          # [B, T, V] float32
     ids = torch.randint(0, args.V, (args.B, args.T))                      # [B, T]
     w = torch.randn(args.B, args.T)                                       # [B, T] upstream gradient
     methods = {
         "naive": lambda x: torch.log_softmax(x, dim=-1).gather(-1, ids[..., None]).squeeze(-1),
-        "chunked": lambda x: maspo.token_logprobs(x, ids, chunk_size=args.chunk_size),
+        "chunked": lambda x: logprobs.token_logprobs(x, ids, chunk_size=args.chunk_size),
     }
 
     def caller(fn):

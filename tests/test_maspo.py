@@ -1,8 +1,12 @@
-"""Tests of maspo.py: the math against PAPER.md's worked numbers and hand-computed values, and
-autograd checks of every objective's gradient. Expected values are written from the paper's
-formulas with the `math` module, never read back from maspo.py. Run: python -m pytest tests/test_maspo.py -q
+"""Tests of maspo.py: the math against the MASPO paper's worked numbers and hand-computed values,
+SAPO and BAPO against their authors' code (formulas and search written out here), and autograd
+checks of every objective's gradient. Expected values are written with the `math` module from the
+formulas, never read back from maspo.py. Run: python -m pytest tests/test_maspo.py -q
 """
+import dataclasses
+import inspect
 import math
+import re
 import subprocess
 import sys
 
@@ -27,7 +31,7 @@ def grads(rho, A, p_old, cfg, mask=None, **kw):
 
 
 def maspo_F(rho, A, p_old, sigma_base=1.0, alpha=0.3, sigma_high=10.0, beta=0.03, lo=0.1, hi=10.0):
-    """PAPER.md's gate, written out for one token with the math module."""
+    """The paper's gate, written out for one token with the math module."""
     m = min(max(sigma_base / p_old ** alpha, sigma_base), sigma_high)
     if A > 0 and rho > 1:
         sigma = m * min(max(1 + beta * A, lo), hi)
@@ -47,69 +51,41 @@ def test_import_without_vllm():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=maspo.__file__.rsplit("/", 1)[0])
 
 # ---------------------------------------------------------------------------------------------
-# token_logprobs / entropy
+# Config: one clip pair, per-objective defaults, one commented line per field
 
 
-def naive_logp(x, ids):
-    return torch.log_softmax(x.float() if x.dtype != D else x, -1).gather(-1, ids[..., None]).squeeze(-1)
+def test_defaults_table_fills_only_what_is_unset():
+    expected = {"maspo": (None, None, "token-mean"), "grpo": (0.2, 0.2, "token-mean"),
+                "clip_higher": (0.2, 0.28, "token-mean"), "dac": (0.16, 0.2, "token-mean"),
+                "sapo": (None, None, "seq-mean-token-mean"), "bapo": (None, None, "token-mean"),
+                "entropy_adv": (0.2, 0.2, "token-mean")}
+    assert set(expected) == set(maspo.LOSSES)
+    for name, (low, high, agg) in expected.items():
+        cfg = maspo.resolve(LossConfig(loss=name))
+        assert (cfg.clip_low, cfg.clip_high, cfg.agg) == (low, high, agg), name
+    cfg = maspo.resolve(LossConfig(loss="sapo", agg="token-mean", clip_high=0.3))
+    assert (cfg.agg, cfg.clip_high) == ("token-mean", 0.3)               # set values win
+    assert LossConfig().clip_low is None                                  # resolve returns a copy
 
 
-def naive_entropy(x):
-    lp = torch.log_softmax(x.float() if x.dtype != D else x, -1)
-    return -(lp.exp() * lp).sum(-1)
+def test_one_clip_pair_serves_grpo_clip_higher_and_dac():
+    rho, A, q = [1.25, 1.3, 0.75, 0.85], [1.0, 1.0, -1.0, -1.0], [0.5] * 4
+    g_ch, _, _ = grads(rho, A, q, LossConfig(loss="clip_higher"))
+    g_grpo, _, _ = grads(rho, A, q, LossConfig(loss="grpo", clip_high=0.28))
+    assert close(g_ch, g_grpo) and close(g_ch, [-1.25 / 4, 0, 0, 0.85 / 4])
+    # DAC reads the same pair as the eps of |(r - 1) r q| <= eps: eps_high 0.28 at q = 0.1 ->
+    # r_high = 1/2 + sqrt(1 + 4 * 0.28 / 0.1) / 2 = 2.2096
+    r_low, r_high = maspo.dac_bounds(torch.tensor([0.1], dtype=D),
+                                     maspo.resolve(LossConfig(loss="dac", clip_low=0.2, clip_high=0.28)))
+    assert close(r_high, [0.5 + 0.5 * math.sqrt(1 + 11.2)]) and close(r_low, [0.5])
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 16, 23, 64, 1000])
-def test_token_logprobs_and_entropy_equal_naive(chunk):
-    torch.manual_seed(0)
-    x = 3 * torch.randn(3, 24, 50)
-    x = torch.cat([x, x[:, :1]], 1)[:, 1:]  # non-contiguous view, like logits[:, :-1]
-    ids = torch.randint(0, 50, (3, 24))
-    assert (maspo.token_logprobs(x, ids, chunk) - naive_logp(x, ids)).abs().max() < 1e-5
-    assert (maspo.entropy(x, chunk) - naive_entropy(x)).abs().max() < 1e-5
-
-
-def test_bf16_logits_computed_in_float32():
-    torch.manual_seed(1)
-    x = (4 * torch.randn(2, 9, 300)).bfloat16()
-    ids = torch.randint(0, 300, (2, 9))
-    out = maspo.token_logprobs(x, ids, chunk_size=4)
-    assert out.dtype == torch.float32
-    assert (out - naive_logp(x, ids)).abs().max() < 1e-5  # bf16 log_softmax would be off by ~1e-2
-    assert (maspo.entropy(x, 4) - naive_entropy(x)).abs().max() < 1e-5
-    x.requires_grad_(True)
-    w = torch.randn(2, 9)
-    g1, = torch.autograd.grad((maspo.token_logprobs(x, ids, 4) * w).sum(), x)
-    g2, = torch.autograd.grad((naive_logp(x, ids) * w).sum(), x)
-    assert g1.dtype == torch.bfloat16 and torch.allclose(g1.float(), g2.float(), rtol=8e-3, atol=1e-6)
-
-
-@pytest.mark.parametrize("chunk", [3, 7, 100])
-def test_gradients_equal_naive(chunk):
-    torch.manual_seed(2)
-    x = torch.randn(2, 7, 11, dtype=D, requires_grad=True)
-    ids = torch.randint(0, 11, (2, 7))
-    w = torch.randn(2, 7, dtype=D)
-    for ours, ref in ((lambda: maspo.token_logprobs(x, ids, chunk), lambda: naive_logp(x, ids)),
-                      (lambda: maspo.entropy(x, chunk), lambda: naive_entropy(x))):
-        g1, = torch.autograd.grad((ours() * w).sum(), x)
-        g2, = torch.autograd.grad((ref() * w).sum(), x)
-        assert close(g1, g2, 1e-12)
-
-
-def test_gradcheck():
-    torch.manual_seed(4)
-    x = torch.randn(2, 3, 5, dtype=D, requires_grad=True)
-    ids = torch.randint(0, 5, (2, 3))
-    assert torch.autograd.gradcheck(lambda t: maspo.token_logprobs(t, ids, 2), (x,), fast_mode=True)
-    assert torch.autograd.gradcheck(lambda t: maspo.entropy(t, 2), (x,), fast_mode=True)
-
-
-def test_logits_shape_errors():
-    with pytest.raises(ValueError, match="ids"):
-        maspo.token_logprobs(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"\[B, T, V\]"):
-        maspo.entropy(torch.zeros(3, 5))
+def test_every_field_has_a_one_line_comment_with_its_default():
+    source = inspect.getsource(LossConfig)
+    comments = dict(re.findall(r"^\s+(\w+):[^\n#]*#\s*(.*)$", source, re.M))
+    fields = [f.name for f in dataclasses.fields(LossConfig)]
+    assert len(fields) <= 19 and set(comments) == set(fields)
+    assert all("default" in comments[name] for name in fields if name != "loss")
 
 # ---------------------------------------------------------------------------------------------
 # group advantages
@@ -149,7 +125,7 @@ def test_worked_numbers_m():
 
 def test_worked_numbers_gate_k_pos_k_neg():
     A_pos, A_neg = 2.475, -0.354
-    k_pos, k_neg = 1.07425, 1 / 1.01062                                   # PAPER.md: 1.074 and 1/1.0106
+    k_pos, k_neg = 1.07425, 1 / 1.01062                                   # the paper: 1.074 and 1/1.0106
     _, _, met = grads([2.0], [A_pos], [1.0], LossConfig())               # m = 1 at p_old = 1
     assert abs(met["gate_mean"] - math.exp(-1 / (2 * k_pos ** 2))) < 1e-4
     _, _, met = grads([0.5], [A_neg], [1.0], LossConfig())
@@ -243,7 +219,7 @@ def test_grpo_clip_and_dual_clip():
 
 def test_dac_bounds_match_the_table_and_cut_the_gradient():
     cfg = LossConfig(loss="dac")
-    r_low, r_high = maspo.dac_bounds(torch.tensor([0.9, 0.1, 0.01, 1e-4], dtype=D), cfg)
+    r_low, r_high = maspo.dac_bounds(torch.tensor([0.9, 0.1, 0.01, 1e-4], dtype=D), maspo.resolve(cfg))
     assert close(r_low[:3], [0.769, 0.5, 0.5], 1e-3) and close(r_high[:3], [1.187, 2.0, 5.0], 1e-3)
     assert r_high[3].item() == 10.0                                       # 45.2 capped at r_max
     g, _, _ = grads([1.9, 2.1, 0.8, 0.75, 4.9, 5.1], [1, 1, -1, -1, 1, 1],
@@ -261,34 +237,147 @@ def test_sapo_gradient_weight_is_sech2_times_rho(A):
     assert abs(met["gate_mean"] - sum(sech2) / 5) < 1e-12
 
 
-def test_bapo_bound_search():
+def test_sapo_aggregates_seq_mean_token_mean_like_verl():
+    """verl's SAPO: loss = mean over sequences of the token-mean of -A (4 / tau) sigmoid(tau (r - 1)),
+    tau = 1 where A > 0, 1.05 otherwise; d/dlogp = -A * 4 s (1 - s) * r / (L_i * S)."""
+    rho = [[0.5, 1.3, 2.0], [0.9, 1.0, 1.0]]
+    A, mask = [0.8, -1.2], [[1, 1, 1], [1, 0, 0]]                          # lengths L = 3 and 1, S = 2
+    sig = lambda x: 1 / (1 + math.exp(-x))                                # noqa: E731
+    tau = [1.0, 1.05]
+    value = [[-A[i] * (4 / tau[i]) * sig(tau[i] * (r - 1)) for r in rho[i]] for i in range(2)]
+    expected = (sum(value[0]) / 3 + value[1][0] / 1) / 2
+    grad = [[-A[i] * 4 * sig(tau[i] * (r - 1)) * (1 - sig(tau[i] * (r - 1))) * r * m / (sum(mask[i]) * 2)
+             for r, m in zip(rho[i], mask[i])] for i in range(2)]
+    old = torch.full((2, 3), 0.5, dtype=D).log()
+    logp = (old + torch.tensor(rho, dtype=D).log()).requires_grad_(True)
+    loss, _ = policy_loss(logp, old, torch.tensor(A, dtype=D), torch.tensor(mask, dtype=D),
+                          LossConfig(loss="sapo"))
+    loss.backward()
+    assert abs(loss.item() - expected) < 1e-12 and close(logp.grad, grad, 1e-12)
+    token_mean = (sum(value[0]) + value[1][0]) / 4                       # what token-mean would give
+    assert abs(expected - token_mean) > 0.1
+    loss, _ = policy_loss(logp, old, torch.tensor(A, dtype=D), torch.tensor(mask, dtype=D),
+                          LossConfig(loss="sapo", agg="token-mean"))
+    assert abs(loss.item() - token_mean) < 1e-12                          # agg, when set, overrides
+
+
+def official_bapo(rho, A, mask, rho_0=0.5):
+    """WooooDyy/BAPO recipe/bapo/policy_loss.py's search, transcribed with python floats: clipped
+    values min(r, c_high) where A >= 0, max(r, c_low) where A < 0; c_low first, then c_high; target
+    positive / (negative + 1e-8); start, step, maximum (0.6, 0.05, 0.9) and (1.2, 0.05, 3.0)."""
+    def pos_neg(lo, hi):
+        x = [a * (min(r, hi) if a >= 0 else max(r, lo)) * m for r, a, m in zip(rho, A, mask)]
+        pos, neg = sum(v for v in x if v > 0), sum(-v for v in x if v < 0)
+        return math.inf if neg <= 0 else pos / (neg + 1e-8)
+    lo, hi = 0.6, 1.2
+    value = pos_neg(lo, hi)
+    while value < rho_0 and lo < 0.9:
+        lo = min(lo + 0.05, 0.9)
+        value = pos_neg(lo, hi)
+    while value < rho_0 and hi < 3.0:
+        hi = min(hi + 0.05, 3.0)
+        value = pos_neg(lo, hi)
+    return lo, hi
+
+
+def bapo_inputs(rho, A, mask=None):
+    old = torch.full((1, len(rho)), 0.5, dtype=D).log()
+    logp = (old + torch.tensor([rho], dtype=D).log()).requires_grad_(True)
+    mask = torch.ones_like(old) if mask is None else torch.tensor([mask], dtype=D)
+    return logp, old, torch.tensor([A], dtype=D), mask
+
+
+def test_bapo_search_by_hand():
+    """One positive token at r = 2 and negatives at 0.7, 0.8, 1.02 (all |A| = 1, rho_0 = 0.5).
+    Start (0.6, 1.2): pos = min(2, 1.2) = 1.2, neg = 0.7 + 0.8 + 1.02 = 2.52, 1.2 / 2.52 = 0.476 < 0.5.
+    c_low 0.65 .. 0.9 only adds to neg (0.9 + 0.9 + 1.02 = 2.82); then c_high: 1.4 / 2.82 = 0.496,
+    1.45 / 2.82 = 0.514 -> (0.9, 1.45). Each departure picks elsewhere: clipped tokens counted 0 ->
+    (0.9, 2.0); c_high first -> (0.6, 1.3) (1.3 / 2.52 = 0.516); a positive share >= 0.5 -> (0.9, 3.0)."""
+    rho, A = [2.0, 0.7, 0.8, 1.02], [1.0, -1.0, -1.0, -1.0]
+    logp, old, adv, mask = bapo_inputs(rho, A)
+    stats = maspo.bapo_stats(logp, old, adv, mask)
+    path = maspo.bapo_path().tolist()
+    assert path[0] == [0.6, 1.2] and path[6] == [0.9, 1.2] and path[7] == [0.9, 1.25] and path[-1] == [0.9, 3.0]
+    assert close(stats[0], [1.2, 2.52], 1e-12) and close(stats[path.index([0.9, 1.45])], [1.45, 2.82], 1e-12)
+    assert close(stats[6], [1.2, 2.82], 1e-12)                           # c_low 0.9: the 0.7, 0.8 count 0.9
     cfg = LossConfig(loss="bapo")
-    # positive token rho 1.52 needs c_high >= 1.55 (k = 7); negatives at 0.7 are cut from k = 6
-    rho, A = [1.52, 0.7, 0.7, 0.7, 1.0], [1.0, -1.0, -1.0, -1.0, -1.0]
-    g, _, met = grads(rho, A, [0.5] * 5, cfg)
-    assert abs(met["bapo_c_low"] - 0.74) < 1e-9 and abs(met["bapo_c_high"] - 1.55) < 1e-9
-    assert close(g, [-1.52 / 5, 0, 0, 0, 1.0 / 5])
-    _, _, met = grads([1.0, 1.0], [1.0, -1.0], [0.5, 0.5], cfg)          # share 0.5 >= 0.4 at once
-    assert (met["bapo_c_low"], met["bapo_c_high"]) == (0.6, 1.2)
-    _, _, met = grads([1.0, 1.0], [-1.0, -1.0], [0.5, 0.5], cfg)         # no positives: widest bounds
-    assert abs(met["bapo_c_low"] - 0.9) < 1e-9 and abs(met["bapo_c_high"] - 3.0) < 1e-9
+    assert close(maspo.bapo_pick(stats, cfg), [0.9, 1.45], 1e-12)
+    assert official_bapo(rho, A, [1] * 4) == pytest.approx((0.9, 1.45))
+    loss, met = policy_loss(logp, old, adv, mask, cfg)                   # no bounds: searched locally
+    loss.backward()
+    assert (met["bapo_c_low"], met["bapo_c_high"]) == pytest.approx((0.9, 1.45))
+    # r = 2 > 1.45 (A > 0), 0.7 and 0.8 < 0.9 (A < 0): clipped; only r = 1.02 keeps its gradient
+    assert close(logp.grad, [[0, 0, 0, 1.02 / 4]], 1e-12)
 
 
-def test_entropy_advantage_shaping():
+@pytest.mark.parametrize("seed", range(12))
+def test_bapo_pick_equals_the_authors_search(seed, monkeypatch):
+    g = torch.Generator().manual_seed(seed)
+    n = 40
+    rho = (0.3 + 3.2 * torch.rand(n, generator=g, dtype=D)).tolist()
+    A = (torch.randn(n, generator=g, dtype=D) + 0.4 * (seed % 3 - 1)).tolist()
+    mask = (torch.rand(n, generator=g) > 0.2).to(D).tolist()
+    logp, old, adv, m = bapo_inputs(rho, A, mask)
+    for rho_0 in (0.5, 1.0, 2.0):
+        monkeypatch.setattr(maspo, "BAPO_RHO_0", rho_0)
+        bounds = maspo.bapo_pick(maspo.bapo_stats(logp, old, adv, m), LossConfig(loss="bapo"))
+        assert tuple(bounds.tolist()) == pytest.approx(official_bapo(rho, A, mask, rho_0), abs=1e-9)
+
+
+def test_bapo_statistics_summed_over_ranks_pick_one_pair_for_all():
+    """The tokens of test_bapo_search_by_hand split over two ranks: rank 0 alone would keep the
+    start (1.2 / 0.7 >= 0.5), rank 1 alone (no positive) the widest pair; the summed statistics
+    give the whole batch's (0.9, 1.45), which both ranks then use."""
+    rank0, rank1 = bapo_inputs([2.0, 0.7], [1.0, -1.0]), bapo_inputs([0.8, 1.02], [-1.0, -1.0])
+    cfg = LossConfig(loss="bapo")
+    s0, s1 = maspo.bapo_stats(*rank0), maspo.bapo_stats(*rank1)
+    assert s0.shape == s1.shape == (len(maspo.bapo_path()), 2) and s0.dtype == D
+    assert close(maspo.bapo_pick(s0, cfg), [0.6, 1.2]) and close(maspo.bapo_pick(s1, cfg), [0.9, 3.0])
+    bounds = maspo.bapo_pick(s0 + s1, cfg)                                # all_reduce(SUM), then pick
+    assert close(bounds, [0.9, 1.45], 1e-12)
+    grads_by_rank = []
+    for logp, old, adv, mask in (rank0, rank1):
+        loss, met = policy_loss(logp, old, adv, mask, cfg, bapo_bounds=bounds, num_tokens=4)
+        loss.backward()
+        assert (met["bapo_c_low"], met["bapo_c_high"]) == pytest.approx((0.9, 1.45))
+        grads_by_rank.append(logp.grad[0].tolist())
+    assert grads_by_rank == [[0.0, 0.0], [0.0, pytest.approx(1.02 / 4)]]
+    with pytest.raises(ValueError, match="bapo_bounds"):
+        policy_loss(*rank0, LossConfig(loss="grpo"), bapo_bounds=bounds)
+
+
+def test_entropy_advantage_shaping_then_grpo():
     A, H = [2.0, 2.0, -1.0, 0.0], [1.0, 10.0, 1.0, 5.0]
     shaped = [2.4, 3.0, -0.6, 0.0]                                        # A + min(0.4 H, |A| / 2)
-    Ht = torch.tensor(H, dtype=D, requires_grad=True)
-    g, _, _ = grads([1.0] * 4, A, [0.5] * 4, LossConfig(loss="entropy_adv"), entropy=Ht[None])
-    assert close(g, [-a / 4 for a in shaped]) and Ht.grad is None         # sg(H)
-    with pytest.raises(ValueError, match="entropy"):
-        grads([1.0], [1.0], [0.5], LossConfig(loss="entropy_adv"))
+    cfg = LossConfig(loss="entropy_adv")
+    Ht = torch.tensor([H], dtype=D, requires_grad=True)
+    A_shaped = maspo.entropy_advantage(torch.tensor([A], dtype=D), Ht, cfg)
+    assert close(A_shaped, [shaped], 1e-12) and not A_shaped.requires_grad  # sg(H)
+    g, _, _ = grads([1.0] * 4, A_shaped[0].tolist(), [0.5] * 4, cfg)
+    assert close(g, [-a / 4 for a in shaped])
+    H2 = torch.tensor([[1.0, 10.0], [1.0, 0.5]], dtype=D)
+    per_seq = maspo.entropy_advantage(torch.tensor([2.0, -1.0], dtype=D), H2, cfg)
+    assert close(per_seq, [[2.4, 3.0], [-0.6, -0.8]], 1e-12)             # A [B] broadcast over tokens
+
+
+@pytest.mark.parametrize("kappa", [1.01, 2.0, 5.0])
+def test_entropy_advantage_never_flips_the_sign_and_is_zero_at_zero(kappa):
+    torch.manual_seed(9)
+    A = torch.randn(64, 16, dtype=D) * torch.tensor([0.0, 1e-3, 1.0, 30.0], dtype=D).repeat(16)[:64, None]
+    H = 50 * torch.rand(64, 16, dtype=D)                                  # large entropies: the cap binds
+    cfg = LossConfig(loss="entropy_adv", ent_adv_a=3.0, ent_adv_kappa=kappa)
+    A_shaped = maspo.entropy_advantage(A, H, cfg)
+    assert (A_shaped[A == 0] == 0).all() and (A == 0).sum() == 16 * 16
+    assert (torch.sign(A_shaped) == torch.sign(A)).all()
+    assert (A_shaped[A < 0] <= A[A < 0] * (1 - 1 / kappa) * (1 - 1e-12)).all()  # at most |A| / kappa closer to 0
+    with pytest.raises(ValueError, match="kappa"):
+        maspo.entropy_advantage(A, H, LossConfig(ent_adv_kappa=1.0))      # A + |A| = 0 would cancel A < 0
 
 
 @pytest.mark.parametrize("name", sorted(maspo.LOSSES))
 def test_every_objective_is_plain_policy_gradient_on_policy(name):
     A = [1.5, -0.5, 0.8]
-    g, _, met = grads([1.0] * 3, A, [0.3, 0.05, 0.9], LossConfig(loss=name),
-                      entropy=torch.zeros(1, 3, dtype=D))
+    g, _, met = grads([1.0] * 3, A, [0.3, 0.05, 0.9], LossConfig(loss=name))
     assert close(g, [-a / 3 for a in A]) and met["gate_mean"] == 1.0
     assert {"gate_mean", "gate_low_frac", "approx_kl", "ratio_min", "ratio_max", "ratio_dev_mean",
             "ratio_dev_frac", "m_mean"} <= set(met) and all(isinstance(v, float) for v in met.values())
@@ -318,7 +407,7 @@ def test_aggregation_modes_on_a_ragged_mask():
                               LossConfig(loss="grpo", agg=agg))
         assert abs(loss.item() - value) < 1e-12, agg
     loss, _ = policy_loss(logp, logp, -torch.tensor(per_token, dtype=D), mask,
-                          LossConfig(loss="grpo", agg="seq-mean-token-sum-norm", norm_len=8))
+                          LossConfig(loss="grpo", agg="seq-mean-token-sum-norm"), norm_len=8)
     assert abs(loss.item() - 21 / 16) < 1e-12
 
 
@@ -329,7 +418,7 @@ def test_micro_batches_with_global_counts_equal_one_batch(agg):
     seqs = [torch.randn(n, dtype=D).requires_grad_(True) for n in lens]   # log pi_theta per sequence
     olds = [s.detach() + 0.3 * torch.randn(n, dtype=D) for s, n in zip(seqs, lens)]
     adv = torch.tensor([1.2, -0.4, 0.7, -1.1], dtype=D)
-    cfg = LossConfig(agg=agg, norm_len=10)
+    cfg = LossConfig(agg=agg)
 
     def pad(xs):                                                          # pad to this batch's own T
         T = max(len(x) for x in xs)
@@ -346,10 +435,10 @@ def test_micro_batches_with_global_counts_equal_one_batch(agg):
             policy_loss(logp, old, adv[idx], mask, cfg, **kw)[0].backward()
         return [s.grad.clone() for s in seqs]
 
-    whole = grad_of([[0, 1, 2, 3]])
-    split = grad_of([[0, 1], [2, 3]], num_tokens=sum(lens), num_seqs=4)
+    whole = grad_of([[0, 1, 2, 3]], norm_len=10)
+    split = grad_of([[0, 1], [2, 3]], num_tokens=sum(lens), num_seqs=4, norm_len=10)
     assert all(close(a, b, 1e-12) for a, b in zip(whole, split))
-    local = grad_of([[0, 1], [2, 3]])                                     # local counts differ
+    local = grad_of([[0, 1], [2, 3]], norm_len=10)                        # local counts differ
     assert agg == "seq-mean-token-sum-norm" or not all(close(a, b, 1e-6) for a, b in zip(whole, local))
 
 
@@ -365,6 +454,35 @@ def test_k3_kl_to_reference():
     assert abs(logp.grad.item() - 0.1 * (1 - math.exp(0.5))) < 1e-12
     with pytest.raises(ValueError, match="ref_logp"):
         policy_loss(logp, logp.detach(), torch.zeros(1), torch.ones(1, 1), cfg)
+
+
+def test_log_ratio_clamp_caps_rho_and_cuts_the_gradient():
+    """log rho = +-25 is clamped to +-20: the loss holds -A e^(+-20) and the token gets no gradient
+    (MASPO leaves A < 0, rho > 1 and A > 0, rho < 1 ungated, so only the clamp can cut it)."""
+    logp = torch.tensor([[25.0, -25.0, 0.3]], dtype=D).requires_grad_(True)
+    old = torch.zeros(1, 3, dtype=D)
+    A = torch.tensor([[-1.0, 2.0, -0.5]], dtype=D)
+    loss, met = policy_loss(logp, old, A, torch.ones(1, 3, dtype=D), LossConfig())
+    loss.backward()
+    expected = (math.exp(20) - 2 * math.exp(-20) + 0.5 * math.exp(0.3)) / 3
+    assert abs(loss.item() - expected) < 1e-9 * expected
+    assert logp.grad[0, 0].item() == 0.0 and logp.grad[0, 1].item() == 0.0
+    assert abs(logp.grad[0, 2].item() - 0.5 * math.exp(0.3) / 3) < 1e-12   # -A rho / N
+    assert met["ratio_max"] == pytest.approx(math.exp(20)) and met["ratio_min"] == pytest.approx(math.exp(-20))
+
+
+def test_kl_clamp_caps_k3_at_10_and_cuts_its_gradient():
+    """d = log pi_ref - log pi_theta: d = 3 gives k3 = e^3 - 4 = 16.09 -> 10, no gradient; d = 2
+    gives 3.389 and gradient kl_coef (1 - e^2) / N; d = 30 is clamped to 20 first, then capped."""
+    logp = torch.zeros(1, 3, dtype=D, requires_grad=True)
+    ref = torch.tensor([[3.0, 2.0, 30.0]], dtype=D)
+    loss, met = policy_loss(logp, logp.detach(), torch.zeros(1, dtype=D), torch.ones(1, 3, dtype=D),
+                            LossConfig(kl_coef=0.5), ref_logp=ref)
+    loss.backward()
+    k3 = [10.0, math.exp(2) - 3, 10.0]
+    assert math.exp(3) - 4 > 10 and abs(met["kl_ref"] - sum(k3) / 3) < 1e-12
+    assert abs(loss.item() - 0.5 * sum(k3) / 3) < 1e-12
+    assert close(logp.grad, [[0.0, 0.5 * (1 - math.exp(2)) / 3, 0.0]], 1e-12)
 
 
 def test_metrics_over_response_tokens_only():
