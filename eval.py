@@ -1,19 +1,22 @@
 """eval.py: Avg@k and Pass@k of one or more checkpoints on math benchmarks, as one table.
 
-The paper's protocol (PAPER.md, "Evaluation protocol"): for each problem draw k samples (k = 32,
-temperature 0.6, top_p 0.95), score each with the training verifier (verify.py), and report per
+The paper's protocol: for each problem draw k samples (k = 32, temperature 0.6, top_p 0.95), score
+each with the training reward (data.py: the last \\boxed{} checked by verify.py), and report per
 benchmark
     Avg@k  = mean over problems of c / n                      (mean accuracy of the samples)
     Pass@k = mean over problems of 1 - C(n - c, k) / C(n, k)  (unbiased; n samples, c correct)
-and their plain average over the benchmarks. Sampling goes through the same sampler as training
-(rollout.py: vLLM when importable, HF generate otherwise) with the training prompt (data.py).
+and their plain average over the benchmarks. Prompt, stop rule and answer extraction are exactly
+train.py's (data.py: prompt_ids, stop_token_ids, TASKS[task].reward), with the instruction, system
+prompt and chat-template setting of the training run when its config.json is there.
 
 Run it
   laptop, the embedded default: the tiny model before (.cache/tiny-arith) and after RL (the latest
   checkpoint of runs/default) on the synthetic held-out arithmetic set; run `python train.py` first
       python eval.py
-  checkpoints or run folders (a run folder means its latest checkpoint) on benchmark files, one GPU
-      python eval.py --model runs/maspo runs/grpo --benchmarks aime24.jsonl math500.jsonl --max-tokens 8192
+  the paper's six benchmarks (benchmarks/README.md: build them once with python benchmarks/build.py),
+  checkpoints or run folders (a run folder means its latest checkpoint), one GPU
+      python eval.py --model runs/maspo runs/grpo --max-tokens 8192
+      python eval.py --model runs/maspo --benchmarks aime24 math500 my_problems.jsonl
   training curves of several runs overlaid (PNG; needs matplotlib)
       python eval.py --plot runs/maspo runs/grpo --out curves.png
   N GPUs: one process per benchmark (CUDA_VISIBLE_DEVICES=i python eval.py ... --out out/i).
@@ -25,27 +28,30 @@ and vocabulary as the previous one, its weights are pushed into the live engine
 (`sampler.load_weights`, as training does after each step); otherwise the engine is released and
 a new one made. This keeps a single vLLM engine alive per process (what vLLM's CPU build needs).
 """
-import dataclasses
 import gc
 import glob
-import inspect
 import json
 import math
 import os
 import re
-from argparse import ArgumentParser, ArgumentDefaultsHelpFormatter
 from dataclasses import dataclass, field
 
+import cli
 import data
+from cli import check
+
+BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva_math", "olympiadbench")  # the paper's six
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_RESPONSE_TOKENS = 16  # train.TINY_PRESET's max_response_tokens (train.py imports eval.py, not the reverse)
 
 
 @dataclass
 class EvalConfig:
     model: list = field(default_factory=list)  # checkpoint folders, run folders (their latest checkpoint) or hub names; none = the embedded default
     names: list = field(default_factory=list)  # row labels of the table, one per --model (none = from the paths)
-    benchmarks: list = field(default_factory=list)  # JSONL / JSON / parquet files or hub names ("org/name:split"); none = the synthetic held-out set
+    benchmarks: list = field(default_factory=list)  # names (aime24 aime25 amc23 math500 minerva_math olympiadbench), files or hub names; none = all six (with --model)
+    task: str = "auto"  # instruction + reward: a data.TASKS name or module:NAME; auto = the training run's, else math
     prompt_key: str = ""  # field holding the question ("" = try problem, question, prompt, ...)
     answer_key: str = ""  # field holding the reference answer ("" = try answer, final_answer, solution's \boxed{})
     limit: int = 0  # at most N problems per benchmark (0 = all)
@@ -53,8 +59,9 @@ class EvalConfig:
     n: int = 0  # samples per problem (0 = k); n > k gives Pass@k a lower variance (unbiased estimator)
     temperature: float = 0.6  # sampling temperature (0 = greedy)
     top_p: float = 0.95  # nucleus sampling
-    max_tokens: int = 0  # response limit in tokens; 0 = the training run's limit when known (its config.json), else 1024
-    instruction: str = "auto"  # appended to each question; auto = as in training (none for the embedded tiny model)
+    max_tokens: int = 0  # response limit in tokens; 0 = the training run's limit when known (its config.json), else 4096
+    instruction: str = "auto"  # appended to each question; auto = as in training (none for the tiny model); "" = none
+    system_prompt: str = "auto"  # system turn; auto = as in training; "" = the chat template's default
     out: str = "out/eval"  # output folder (with --plot: a .png file, or a folder for curves.png)
     backend: str = "auto"  # sampler: auto (vLLM if importable) | vllm | hf
     dtype: str = "auto"  # sampler weights: auto = bfloat16 on GPU, float32 on CPU
@@ -90,31 +97,32 @@ def macro_average(per_benchmark):
 
 
 def evaluate(sampler, tokenizer, problems, k=32, temperature=0.6, top_p=0.95, max_tokens=1024,
-             instruction=data.INSTRUCTION, seed=0, progress=True, n=None, workers=None, stop_token_ids=None):
-    """Sample n (default k) completions per problem, verify them, and return {"avg", "pass", "n"
-    (problems), "k", "samples" (per problem), "truncated", "no_answer", "response_len",
-    "verify_timeouts", "results": one dict per problem}. Stops at stop_token_ids (default: the
-    tokenizer's EOS); temperature 0 is greedy."""
+             style=None, seed=0, progress=True, n=None, stop_token_ids=None, reward=None):
+    """Sample n (default k) completions per problem, score them with `reward` (default: the math
+    task's) and return {"avg", "pass", "n" (problems), "k", "samples" (per problem), "truncated",
+    "no_answer", "response_len", "verify_timeouts", "results": one dict per problem}. The prompt is
+    data.prompt_ids(tokenizer, problem, style); sampling stops at stop_token_ids (train.py and
+    run() pass data.stop_token_ids); temperature 0 is greedy."""
     import verify
-    n = n or k
+    n, style, reward = n or k, style or data.PromptStyle(), reward or data.math_reward
     if not problems:  # e.g. a rank's empty shard in train.py: nothing to score
         return {"avg": float("nan"), "pass": float("nan"), "n": 0, "k": k, "samples": n, "truncated": 0.0,
                 "no_answer": 0.0, "response_len": 0.0, "verify_timeouts": 0, "results": []}
-    prompts = [data.prompt_ids(tokenizer, p["question"], instruction) for p in problems]
+    prompts = [data.prompt_ids(tokenizer, p, style) for p in problems]
     draws = 1 if temperature == 0 else n  # greedy: one completion per problem stands for all n (vLLM wants n = 1)
     groups = sampler.generate(prompts, n=draws, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                               seed=seed, stop_token_ids=stop_token_ids, progress=progress)
     groups = [group * (n // draws) for group in groups]  # (problems, n)
     texts = [s.text for group in groups for s in group]  # n per problem, in problem order
-    golds = [p["answer"] for p in problems for _ in range(n)]
-    rewards, timeouts = verify.reward_batch(texts, golds, workers=workers or None)
+    rewards, timeouts = reward(texts, [p for p in problems for _ in range(n)])
     results = []
     for i, (p, group) in enumerate(zip(problems, groups)):
         r = rewards[i * n:(i + 1) * n]
         correct = sum(x > 0.5 for x in r)  # rewards are 0/1
-        results.append({"question": p["question"], "answer": p["answer"], "where": p.get("where"),
-                        "correct": correct, "pass": pass_at_k(n, correct, k), "rewards": r,
-                        "extracted": [verify.extract_answer(s.text) for s in group],
+        results.append({"question": p.get("question") or p["messages"][-1]["content"], "answer": p["answer"],
+                        "where": p.get("where"), "correct": correct, "pass": pass_at_k(n, correct, k), "rewards": r,
+                        "extracted": [verify.extract_answer(s.text, answer_line=bool(p.get("answer_line")))
+                                      for s in group],
                         "samples": [s.text for s in group],
                         "finish_reasons": [s.finish_reason for s in group],
                         "lengths": [len(s.completion_ids) for s in group]})
@@ -209,11 +217,10 @@ def label_of(path):
 
 def embedded_default():
     """[(label, path, training config)] of the embedded tiny model before and after `python train.py`."""
-    from train import Config  # the embedded default's sampling settings, from their single source
     before = os.path.join(HERE, ".cache", "tiny-arith")
     run = os.path.join(HERE, "runs", "default")
-    trained = {"instruction": "auto", "model": "", "max_response_tokens": Config().max_response_tokens,
-               **run_config(run)}
+    trained = {"model": "", "instruction": "auto", "system_prompt": "", "chat_template": True,
+               "max_response_tokens": TINY_RESPONSE_TOKENS, **run_config(run)}
     models = [("tiny (before RL)", before, trained)] if os.path.isdir(before) else []
     if glob.glob(os.path.join(run, "checkpoints", "step_*", "*.safetensors")):
         models.append(("tiny (after RL)", resolve_model(run), trained))
@@ -223,28 +230,44 @@ def embedded_default():
     return models
 
 
-def load_benchmarks(cfg):
-    """{name: problems}; names are file stems (aime24, math500, ...) or the hub name's last part."""
-    if not cfg.benchmarks:
-        problems = data.arithmetic_problems("test")
-        return {"arith-test": problems[:cfg.limit] if cfg.limit else problems}
+def benchmark_source(name):
+    """A benchmark name (aime24, ...) -> its built file under benchmarks/; files and hub names as they are."""
+    if os.path.exists(name) or name not in BENCHMARKS:
+        return name
+    path = os.path.join(HERE, "benchmarks", f"{name}.jsonl")
+    if not os.path.isfile(path):
+        raise SystemExit(f"eval.py: benchmark {name!r} is not built yet ({path}): run `python benchmarks/build.py` "
+                         "once (it downloads the pinned source files; benchmarks/README.md)")
+    return path
+
+
+def load_benchmarks(cfg, task):
+    """{name: problems}: the paper's six by name (all six when --benchmarks is empty and models are
+    named), files (named by their stem) or hub names (their last part); the embedded default's
+    held-out arithmetic set when neither is given."""
+    if not cfg.benchmarks and not cfg.model:
+        return {"arith-test": data.arithmetic_problems("test")[:cfg.limit or None]}
     suites = {}
-    for source in cfg.benchmarks:
-        stem = os.path.splitext(os.path.basename(source if os.path.exists(source) else source.split(":")[0]))[0]
+    for source in cfg.benchmarks or BENCHMARKS:
+        path = benchmark_source(source)
+        stem = os.path.splitext(os.path.basename(path if os.path.exists(path) else path.split(":")[0]))[0]
         name, i = stem, 1
         while name in suites:  # the same stem twice: aime24, aime24_2
             i += 1
             name = f"{stem}_{i}"
-        suites[name] = data.load_problems(source, cfg.prompt_key or None, cfg.answer_key or None, cfg.limit or None)
+        suites[name] = task.load(path, cfg.prompt_key or None, cfg.answer_key or None, cfg.limit or None)
     return suites
 
 
-def instruction_for(cfg, train_cfg):
-    """The instruction the model was trained with: none for the embedded tiny model, else data.INSTRUCTION."""
-    chosen = cfg.instruction if cfg.instruction != "auto" else train_cfg.get("instruction", "auto")
-    if chosen == "auto":
-        return "" if train_cfg.get("model", None) == "" else data.INSTRUCTION
-    return chosen
+def style_for(cfg, train_cfg, task):
+    """The prompt the model was trained with (its run's config.json), unless given here: instruction
+    (none for the embedded tiny model, else the task's), system prompt, chat template."""
+    instruction = cfg.instruction if cfg.instruction != "auto" else train_cfg.get("instruction", "auto")
+    if instruction == "auto":
+        instruction = "" if train_cfg.get("model", None) == "" else task.instruction
+    system = cfg.system_prompt if cfg.system_prompt != "auto" else train_cfg.get("system_prompt", "")
+    return data.PromptStyle(instruction=instruction, system_prompt=system,
+                            chat_template=train_cfg.get("chat_template", True))
 
 
 def read_config(path):
@@ -290,18 +313,6 @@ def context_of(path):
     return config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
 
 
-def stop_ids_of(path, tokenizer):
-    """Stop tokens: the tokenizer's EOS plus the model's generation_config.json eos_token_id(s)
-    (chat models end a turn with a token of their own, e.g. <|im_end|>)."""
-    ids = {tokenizer.eos_token_id} - {None}
-    file = os.path.join(path, "generation_config.json")
-    if os.path.isfile(file):
-        with open(file) as f:
-            eos = json.load(f).get("eos_token_id")
-        ids |= set(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
-    return sorted(ids) or None
-
-
 def run(cfg):
     """Evaluate cfg.model (or the embedded default) on cfg.benchmarks; write and return the rows."""
     import rollout
@@ -309,16 +320,14 @@ def run(cfg):
     import torch
     if cfg.model:
         names = cfg.names or [label_of(m.rstrip("/")) for m in cfg.model]
-        if len(names) != len(cfg.model):
-            raise SystemExit(f"--names gives {len(names)} labels for {len(cfg.model)} models")
         models = [(name, resolve_model(m), run_config(m)) for name, m in zip(names, cfg.model)]
     else:
         models = embedded_default()
-    suites = load_benchmarks(cfg)  # all loaded before any model: a malformed file fails fast
-    max_tokens = cfg.max_tokens or next((m[2]["max_response_tokens"] for m in models if m[2].get("max_response_tokens")), 1024)
+    task_name = cfg.task if cfg.task != "auto" else models[0][2].get("task", "math")
+    task = data.get_task(task_name)
+    suites = load_benchmarks(cfg, task)  # all loaded before any model: a malformed file fails fast
+    max_tokens = cfg.max_tokens or next((m[2]["max_response_tokens"] for m in models if m[2].get("max_response_tokens")), 4096)
     n = cfg.n or cfg.k
-    if n < cfg.k:
-        raise SystemExit(f"--n {n} samples per problem cannot give Pass@{cfg.k}: use --n >= --k")
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
     print(f"{len(models)} model(s) x {len(suites)} benchmark(s) "
           f"({', '.join(f'{b}: {len(p)}' for b, p in suites.items())} problems), {n} samples each, "
@@ -327,8 +336,8 @@ def run(cfg):
     rows, sampler, engine = [], None, None  # engine = (path, max_model_len, tokenizer) of the live sampler
     for label, path, train_cfg in models:
         tokenizer = tiny.load_tokenizer(path)
-        instruction = instruction_for(cfg, train_cfg)
-        longest = max(len(data.prompt_ids(tokenizer, p["question"], instruction)) for ps in suites.values() for p in ps)
+        style = style_for(cfg, train_cfg, task)
+        longest = max(len(data.prompt_ids(tokenizer, p, style)) for ps in suites.values() for p in ps)
         context = context_of(path)
         budget = min(max_tokens, context - longest) if context else max_tokens
         if budget < 1:
@@ -347,19 +356,22 @@ def run(cfg):
             engine = (path, longest + budget, tokenizer)
             sampler = rollout.make_sampler(path, tokenizer, backend=cfg.backend, max_model_len=engine[1], seed=cfg.seed,
                                            dtype=dtype, gpu_memory_utilization=cfg.gpu_memory_utilization)
+        stop_ids = data.stop_token_ids(path, tokenizer)  # the training stop rule
         details = {}
         for bench, problems in suites.items():
-            details[bench] = evaluate(sampler, tokenizer, problems, k=cfg.k, n=n, temperature=cfg.temperature,
-                                      top_p=cfg.top_p, max_tokens=budget, instruction=instruction, seed=cfg.seed,
-                                      workers=cfg.workers, stop_token_ids=stop_ids_of(path, tokenizer))
+            details[bench] = evaluate(
+                sampler, tokenizer, problems, k=cfg.k, n=n, temperature=cfg.temperature, top_p=cfg.top_p,
+                max_tokens=budget, style=style, seed=cfg.seed, stop_token_ids=stop_ids,
+                reward=lambda texts, probs: task.reward(texts, probs, 1.0, cfg.workers or None))
             res = details[bench]
             print(f"{label} | {bench}: Avg@{cfg.k} {100 * res['avg']:.1f} | Pass@{cfg.k} {100 * res['pass']:.1f} | "
                   f"truncated {100 * res['truncated']:.1f}% | no answer {100 * res['no_answer']:.1f}%")
         per_bench = {b: {"avg": r["avg"], "pass": r["pass"]} for b, r in details.items()}
-        rows.append({"name": label, "model": path, "instruction": instruction, "max_tokens": budget,
-                     "benchmarks": per_bench, "average": macro_average(per_bench), "details": details})
+        rows.append({"name": label, "model": path, "instruction": style.instruction, "system_prompt": style.system_prompt,
+                     "max_tokens": budget, "benchmarks": per_bench, "average": macro_average(per_bench),
+                     "details": details})
     settings = {"k": cfg.k, "samples": n, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                "max_tokens": max_tokens, "seed": cfg.seed, "backend": sampler.backend}
+                "max_tokens": max_tokens, "seed": cfg.seed, "backend": sampler.backend, "task": task_name}
     sampler.close()  # leave no engine behind (a caller may make its own next)
     sampler = None
     free_memory()
@@ -369,20 +381,41 @@ def run(cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line, generated from EvalConfig
+# Command line, generated from EvalConfig (cli.py), every value checked before anything loads
 def parse_args(argv=None):
-    comments = dict(re.findall(r"^\s+(\w+):[^\n#]*#\s*(.*)$", inspect.getsource(EvalConfig), re.M))
-    parser = ArgumentParser(description="Avg@k / Pass@k evaluation (eval.py)", formatter_class=ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(EvalConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kind = dict(nargs="+", type=str) if isinstance(default, list) else dict(type=type(default))
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default,
-                            help=comments.get(f.name, "").replace("%", "%%"), **kind)
-    return EvalConfig(**vars(parser.parse_args(argv)))
+    settings, _ = cli.parse(EvalConfig, argv, "Avg@k / Pass@k evaluation (eval.py)")
+    cfg = cli.build(EvalConfig, settings)
+    check(cfg.k >= 1, "k", cfg.k, "must be >= 1")
+    check(cfg.n == 0 or cfg.n >= cfg.k, "n", cfg.n, f"Pass@{cfg.k} needs at least k = {cfg.k} samples per problem")
+    check(cfg.temperature >= 0, "temperature", cfg.temperature, "must be >= 0 (0 = greedy)")
+    check(0 < cfg.top_p <= 1, "top_p", cfg.top_p, "must be in (0, 1]")
+    check(cfg.limit >= 0 and cfg.max_tokens >= 0 and cfg.workers >= 0, "limit", cfg.limit,
+          "--limit, --max-tokens and --workers must be >= 0")
+    check(cfg.backend in ("auto", "vllm", "hf"), "backend", cfg.backend, "choose auto, vllm or hf")
+    check(cfg.dtype in ("auto", "bfloat16", "float32", "float16"), "dtype", cfg.dtype, "choose auto, bfloat16, float32 or float16")
+    check(0 < cfg.gpu_memory_utilization <= 1, "gpu_memory_utilization", cfg.gpu_memory_utilization, "must be in (0, 1]")
+    check(not cfg.names or len(cfg.names) == len(cfg.model), "names", cfg.names,
+          f"give one label per --model ({len(cfg.model)})")
+    if cfg.task != "auto":
+        try:
+            data.get_task(cfg.task)
+        except data.DataError as err:
+            check(False, "task", cfg.task, str(err).split(": ", 1)[-1])
+    for model in cfg.model:
+        cli.check_model("model", resolve_model(model) if os.path.isdir(model) else model)
+    for source in cfg.benchmarks:
+        check(source in BENCHMARKS or cli.source_exists(source), "benchmarks", source,
+              f"not one of {list(BENCHMARKS)}, no such file, and not a hub name org/name[:config][:split]")
+    return cfg
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # "Loading weights" bars at every checkpoint
+    try:
+        cfg = parse_args(argv)
+    except cli.SettingError as err:
+        cli.exit_with(err)
     if cfg.plot:
         import plot
         out = cfg.out if cfg.out.endswith(".png") else os.path.join(cfg.out, "curves.png")

@@ -1,165 +1,202 @@
 """train.py: the whole RLVR loop with the MASPO objective (arXiv 2602.17550), FSDP2-sharded.
 
 One step = one rollout batch, as numbered stages in `train()`:
-  1. pick prompts    this rank's shard of `prompts_per_step` questions
-  2. sample          G completions each with the colocated sampler (rollout.py: vLLM, or HF generate)
-  3. verify          reward R in {0, 1} per completion (verify.py, in parallel, time-bounded)
+  1. pick prompts    this rank's shard of `prompts_per_step` problems
+  2. sample          G completions each with the colocated sampler (rollout.py: vLLM, or HF generate),
+                     stopping at the end of the assistant's turn (data.stop_token_ids)
+  3. verify          reward R in {0, 1} per completion (the task's reward, data.py: verify.py, in parallel)
   4. advantages      A_i = (R_i - mean R) / (std R + eps) per group (maspo.group_advantages)
-  5. old log-probs   log pi_old of every response token, from the training model without grad
-  6. update          epochs x shuffled mini-batches of the policy loss (maspo.policy_loss), micro-batch
-                     gradient accumulation, grad clipping. Several updates per rollout batch is the
-                     default on purpose: with ONE update, rho = pi_theta / pi_old = 1 everywhere and
-                     MASPO (like every trust-region method) reduces to plain policy gradient.
+  5. old log-probs   log pi_old of every response token at the sampling temperature, from the training
+                     model without grad (logprobs.hidden_logprobs: no [B, T, V] logits are ever held)
+  6. update          epochs x shuffled mini-batches of the policy loss (maspo.policy_loss), each one
+                     optimizer update, accumulated over micro-batches of at most `micro_batch_tokens`
+                     tokens. Several updates per rollout batch is the default on purpose: with ONE,
+                     rho = pi_theta / pi_old = 1 everywhere and MASPO (like every trust-region method)
+                     is plain policy gradient.
   7. sync            push the new weights into the sampler
-  8. log             one metrics line (console + OUT/metrics.jsonl), decoded rollouts to OUT/rollouts/
-  9. eval / save     held-out accuracy; atomic checkpoints (HF format + optimizer/scheduler/RNG/step)
+  8. log             one line per step (console + OUT/metrics.jsonl), decoded rollouts to OUT/rollouts/
+  9. eval / save     held-out accuracy; atomic checkpoints (HF format + optimizer / scheduler / step)
 
 Run it
   laptop (CPU, the embedded default: a tiny Qwen2 model learns arithmetic; ~2 min on 2 cores)
       python train.py
+  a real chat model on a laptop (the stand-in built by tiny.py; README "Real models")
+      python train.py --config configs/standin_chat.json
   2 CPU processes (FSDP over gloo)
       torchrun --nproc_per_node 2 train.py --steps 2
-  one GPU (bf16, vLLM colocated)
-      python train.py --config configs/r1_distill_1.5b.json --train-data dapo_math_17k.jsonl --eval-data math500.jsonl
-  one node of 8 GPUs / several nodes
-      torchrun --nproc_per_node 8 train.py --config configs/r1_distill_1.5b.json ...
+  one GPU / one node of 8 GPUs / several nodes (bf16, vLLM colocated)
+      python train.py --config configs/r1_distill_1.5b.json --train-data dapo_math_17k.parquet
+      torchrun --nproc_per_node 8 train.py --config configs/r1_distill_7b.json ...
       torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...
-`python train.py --help` lists every setting with its paper symbol and default.
+`python train.py --help` lists every setting with its paper symbol and default. With no --model the
+embedded default's settings (TINY_PRESET) apply; with --model, the defaults below, meant for 1.5B-7B
+models. Either way the effective settings are printed at start and saved to OUT/config.json.
 
-Where we deviate from the authors' verl set-up (reasons in the comments at each place):
+A run folder is never overwritten: a run into a folder that holds a run stops with a message unless
+--resume is given. --resume continues from the latest complete checkpoint and reproduces the
+uninterrupted run (same weights, optimizer state and metrics, to float tolerance): every random
+choice of a step (prompts, sampling seeds, mini-batch shuffles) is a function of (seed, step, rank).
+SIGINT (Ctrl-C) and SIGTERM finish the current step, save a checkpoint and exit (status 130 / 143).
+
+Where the loop deviates from the authors' verl set-up (reasons at each place):
   1. Old log-probs come from the training model (stage 5), never from the sampler; their gap to the
-     sampler's log-probs is logged as `logp_gap` (they drift apart in bf16).
-  2. Rewards that time out in the verifier count as 0 and are counted (`verify_timeouts`).
-  3. A non-finite loss or gradient norm skips that optimizer update (counted in `skipped_updates`).
+     sampler's log-probs is logged as `logp_gap` (the two drift apart in bf16).
+  2. The token-mean of the loss runs over the whole mini-batch across ranks (the normaliser is the
+     global token count), so micro-batching and sharding change nothing; verl averages per micro-batch
+     token-means, which weighs tokens of short micro-batches more.
+  3. Rewards whose check times out (or whose verifier worker dies) count as 0 and are counted
+     (`verify_timeouts`).
+  4. A non-finite loss or gradient norm skips that optimizer update (counted in `skipped_updates`).
+  5. AdamW with weight decay 0.01 and no warm-up, constant lr: verl's actor defaults.
 """
-import argparse
-import dataclasses
-import inspect
 import json
 import math
 import os
 import random
 import re
 import shutil
+import signal
+import textwrap
 import time
+import types
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import cli
 import data
+import logprobs
 import maspo
 import rollout
 import tiny
-import verify
+from cli import check
+from eval import evaluate, pass_at_k
 from maspo import LossConfig
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @dataclass
 class Config:
     # --- model and data
     model: str = ""  # HF hub name or local path; "" = the embedded tiny model (built and warm-started once, cached)
-    train_data: str = ""  # JSONL / JSON / parquet / HF dataset name; "" = synthetic arithmetic (train split)
-    eval_data: str = ""  # held-out problems, same formats; "" = synthetic arithmetic test split (embedded default only)
+    task: str = "math"  # problems + instruction + reward: a data.TASKS name, or module:NAME of a file of yours
+    train_data: str = ""  # JSONL / JSON / parquet file, hub name org/name[:config][:split], or "arithmetic"
+    eval_data: str = ""  # held-out problems, same forms ("" = arithmetic:test for the embedded default, none otherwise)
     prompt_key: str = ""  # field holding the question ("" = try problem, question, prompt, ...)
     answer_key: str = ""  # field holding the reference answer ("" = try answer, final_answer, ...)
-    instruction: str = "auto"  # appended to each question; auto = the \boxed{} instruction, none for the tiny model
-    # --- RL (symbols of PAPER.md)
-    steps: int = 150  # RL steps; one rollout batch each
-    prompts_per_step: int = 16  # prompts per rollout batch, all ranks together
+    instruction: str = "auto"  # appended to each question; auto = the task's (none for the tiny model); "" = none
+    system_prompt: str = ""  # a system turn before the question ("" = the chat template's own default)
+    chat_template: bool = True  # use the tokenizer's chat template (--no-chat-template: plain "Q: ...\nA: ")
+    # --- RL (paper symbols)
+    steps: int = 500  # RL steps; one rollout batch each (0 = evaluate only)
+    prompts_per_step: int = 128  # prompts per rollout batch, all ranks together
     group_size: int = 8  # G: samples per prompt
-    mini_batch_size: int = 32  # sequences per optimizer update; (prompts_per_step * G) / this = updates per epoch
-    micro_batch_size: int = 32  # sequences per forward/backward on one rank (gradient accumulation)
+    mini_batch_size: int = 256  # sequences per optimizer update; rollout batch / this = updates per epoch
     epochs: int = 1  # passes over each rollout batch (PPO epochs)
-    lr: float = 1e-4  # AdamW learning rate (measured for the tiny model; ~1e-6 for 1.5B-7B models)
-    lr_schedule: str = "constant"  # constant | cosine (both after warmup_steps of linear warm-up)
-    warmup_steps: int = 0  # linear learning-rate warm-up, in optimizer updates
-    weight_decay: float = 0.0  # AdamW weight decay
+    micro_batch_tokens: int = 32768  # tokens (padded prompt + response) per forward/backward on one rank
+    lr: float = 1e-6  # AdamW learning rate
+    warmup_steps: int = 0  # linear learning-rate warm-up, in optimizer updates (then constant, as verl)
+    weight_decay: float = 0.01  # AdamW weight decay
     grad_clip: float = 1.0  # max global gradient norm
-    max_prompt_tokens: int = 64  # longer prompts are dropped from the data (and counted)
-    max_response_tokens: int = 16  # sampling budget per completion
-    temperature: float = 1.0  # sampling temperature
-    top_p: float = 1.0  # nucleus sampling
-    scale_adv_by_std: bool = True  # A = (R - mean) / (std + eps); off = Dr. GRPO's A = R - mean
+    max_prompt_tokens: int = 1024  # longer prompts are dropped from the training data (and counted)
+    max_response_tokens: int = 4096  # sampling budget per completion
+    temperature: float = 1.0  # T: sampling temperature; log-probs are of softmax(logits / T)
     drop_zero_signal: bool = False  # DAPO dynamic sampling: drop all-equal-reward groups before the update
-    verify_timeout: float = 1.0  # seconds per verification; a timeout scores 0
+    entropy_source: str = "old"  # H of Entropy-Adv: old = pi_old's (stage 5) | current = the updating policy's
     # --- evaluation, checkpoints, logging
-    eval_every: int = 25  # held-out evaluation every N steps (0 = only before and after)
-    eval_k: int = 8  # samples per held-out problem for Avg@k / Pass@k
-    eval_temperature: float = 1.0  # sampling temperature of the held-out Avg@k (greedy accuracy is also logged)
+    eval_every: int = 50  # held-out evaluation every N steps (0 = only before and after)
+    eval_k: int = 4  # samples per held-out problem for Avg@k / Pass@k
+    eval_temperature: float = 0.6  # sampling temperature of the held-out Avg@k (greedy accuracy is also logged)
     eval_limit: int = 0  # use at most N held-out problems (0 = all)
     save_every: int = 50  # checkpoint every N steps (and at the end)
-    keep_checkpoints: int = 2  # how many recent checkpoints to keep
-    rollouts_every: int = 10  # dump a few decoded rollouts every N steps
-    out: str = "runs/default"  # output folder: metrics.jsonl, rollouts/, checkpoints/
-    resume: bool = False  # continue from the latest complete checkpoint in `out`
+    out: str = "runs/default"  # output folder: config.json, metrics.jsonl, rollouts/, checkpoints/
+    resume: bool = False  # continue the run in `out` from its latest complete checkpoint
     wandb: str = ""  # wandb project name (needs `pip install wandb`); "" = off
     # --- system
     sampler: str = "auto"  # auto (vLLM if importable) | vllm | hf
-    precision: str = "auto"  # auto = bf16 on GPU, float32 on CPU | bf16 | fp32
-    grad_checkpointing: bool = False  # activation checkpointing (saves GPU memory)
-    gpu_memory_utilization: float = 0.3  # share of GPU memory for vLLM (weights + KV cache)
+    precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU | bf16 | fp32 (master weights stay fp32)
+    grad_checkpointing: bool = True  # activation checkpointing (saves GPU memory)
+    gpu_memory_utilization: float = 0.4  # share of GPU memory for vLLM (weights + KV cache)
     seed: int = 0  # seeds model building, data order and sampling
-    # --- the embedded tiny model's warm start (used only when model is "")
-    tiny_dir: str = ".cache/tiny-arith"  # where the embedded tiny model is built and cached (relative: to train.py)
+    # --- the embedded tiny model (used only when model is "")
+    tiny_dir: str = ".cache/tiny-arith"  # where it is built and cached (relative: to train.py)
     warm_start_steps: int = 1000  # at most this many supervised steps on arithmetic before RL
-    warm_start_lr: float = 1e-3  # supervised learning rate (3e-3 plateaued at 10-20% for some seeds)
-    warm_start_target: float = 0.3  # stop once greedy accuracy on 256 train problems reaches this (0 = all steps)
     # --- the policy loss: maspo.LossConfig (loss, sigma_base, alpha, ...), flags of its own
     loss: LossConfig = field(default_factory=LossConfig)
 
 
-# ----------------------------------------------------------------------------------------------
-# Config from command line and --config file
-def _field_comments(cls):
-    """The one-line comment of each dataclass field, used as its --help text."""
-    return dict(re.findall(r"^\s+(\w+):[^\n#]*#\s*(.*)$", inspect.getsource(cls), re.M))
-
-
-def _parser(suppress_defaults=False):
-    parser = argparse.ArgumentParser(description="MASPO RLVR training (train.py)",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", help="JSON file of settings (flat, or with a nested 'loss' object); flags override it")
-    for cls in (Config, LossConfig):
-        comments = _field_comments(cls)
-        for f in dataclasses.fields(cls):
-            if f.name == "loss" and cls is Config:
-                continue  # the nested LossConfig: its own fields become flags (--loss names the objective)
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            kwargs = dict(action=argparse.BooleanOptionalAction) if type(default) is bool else dict(type=type(default))
-            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name,
-                                default=argparse.SUPPRESS if suppress_defaults else default,
-                                help=comments.get(f.name, "").replace("%", "%%"), **kwargs)
-    return parser
+# The embedded default (no --model): measured on a 2-core CPU (README). Flags and --config override it.
+TINY_PRESET = dict(train_data="arithmetic", steps=150, prompts_per_step=16, mini_batch_size=32, micro_batch_tokens=4096,
+                   lr=1e-4, weight_decay=0.0, max_prompt_tokens=64, max_response_tokens=16, eval_every=25, eval_k=8,
+                   eval_temperature=1.0, grad_checkpointing=False)
+ROLLOUTS_EVERY = 10  # dump a few decoded rollouts every N steps
+KEEP_CHECKPOINTS = 2  # the most recent checkpoints kept
+MAX_DROPPED = 0.1  # stop when a larger share of the training prompts is longer than --max-prompt-tokens
+VERIFY_TIMEOUT = 1.0  # seconds per answer check; a timeout scores 0 (and is counted)
 
 
 def parse_args(argv=None):
-    """Config from defaults < --config JSON < command-line flags. LossConfig's fields are flags too."""
-    args = vars(_parser().parse_args(argv))
-    given = vars(_parser(suppress_defaults=True).parse_args(argv))  # only the flags actually typed
-    settings = {k: v for k, v in args.items() if k != "config"}
-    if args["config"]:
-        with open(args["config"]) as f:
-            from_file = json.load(f)
-        if isinstance(from_file.get("loss"), dict):
-            from_file.update(from_file.pop("loss"))
-        settings.update(from_file)
-    settings.update({k: v for k, v in given.items() if k != "config"})
-    return make_config(settings)
+    """Config from defaults < TINY_PRESET (no --model) < --config JSON < flags, validated."""
+    settings, _ = cli.parse(Config, argv, "MASPO RLVR training (train.py)")
+    if not settings["model"]:
+        settings, _ = cli.parse(Config, argv, preset=TINY_PRESET)
+    cfg = cli.build(Config, settings)
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    cfg.loss = maspo.resolve(cfg.loss)  # the objective's own defaults made explicit: the logged config is what runs
+    return cfg
 
 
-def make_config(settings):
-    """Config from a flat dict (unknown names are an error, not ignored)."""
-    loss_names = {f.name for f in dataclasses.fields(LossConfig)}
-    main_names = {f.name for f in dataclasses.fields(Config)} - {"loss"}
-    unknown = set(settings) - loss_names - main_names
-    if unknown:
-        raise SystemExit(f"config: unknown setting(s) {sorted(unknown)}; see python train.py --help")
-    loss = LossConfig(**{k: v for k, v in settings.items() if k in loss_names})
-    return Config(loss=loss, **{k: v for k, v in settings.items() if k in main_names})
+def validate(cfg, world):
+    """Every setting that can be checked without loading anything; one line per error (cli.check)."""
+    L = cfg.loss
+    check(L.loss in maspo.LOSSES, "loss", L.loss, f"choose one of {sorted(maspo.LOSSES)}")
+    check(L.agg is None or L.agg in maspo.AGG_MODES, "agg", L.agg, f"choose one of {maspo.AGG_MODES}")
+    check(L.alpha >= 0, "alpha", L.alpha, "the mass-adaptive exponent must be >= 0 (paper: 0.3-0.5)")
+    check(L.sigma_base > 0, "sigma_base", L.sigma_base, "must be > 0 (paper: 1, 2 or 3)")
+    check(L.sigma_high >= L.sigma_base, "sigma_high", L.sigma_high, f"must be >= --sigma-base {L.sigma_base}")
+    for name in ("beta_pos", "beta_neg", "kl_coef"):
+        check(getattr(L, name) >= 0, name, getattr(L, name), "must be >= 0")
+    check(0 < L.adv_low <= L.adv_high, "adv_low", L.adv_low, f"need 0 < --adv-low <= --adv-high ({L.adv_high})")
+    check(L.clip_low is None or 0 < L.clip_low < 1, "clip_low", L.clip_low, "must be in (0, 1)")
+    check(L.clip_high is None or L.clip_high > 0, "clip_high", L.clip_high, "must be > 0")
+    check(L.clip_c > 1, "clip_c", L.clip_c, "the dual clip c must be > 1")
+    check(L.ent_adv_kappa > 1, "ent_adv_kappa", L.ent_adv_kappa, "kappa must be > 1 (else the bonus can flip A)")
+    try:
+        data.get_task(cfg.task)
+    except data.DataError as e:
+        check(False, "task", cfg.task, str(e).split(": ", 1)[-1])
+    check(cfg.steps >= 0, "steps", cfg.steps, "must be >= 0")
+    check(cfg.group_size >= 2, "group_size", cfg.group_size, "G must be >= 2: a group of one has no baseline")
+    check(cfg.prompts_per_step >= world and cfg.prompts_per_step % world == 0, "prompts_per_step",
+          cfg.prompts_per_step, f"must be a multiple of the number of processes ({world})")
+    rollout_batch = cfg.prompts_per_step * cfg.group_size
+    check(cfg.mini_batch_size >= world and cfg.mini_batch_size % world == 0, "mini_batch_size", cfg.mini_batch_size,
+          f"must be a multiple of the number of processes ({world})")
+    check(rollout_batch % cfg.mini_batch_size == 0, "mini_batch_size", cfg.mini_batch_size,
+          f"must divide the rollout batch ({cfg.prompts_per_step} prompts x G {cfg.group_size} = {rollout_batch})")
+    for name in ("epochs", "max_prompt_tokens", "max_response_tokens", "save_every", "eval_k", "warm_start_steps"):
+        check(getattr(cfg, name) >= 1, name, getattr(cfg, name), "must be >= 1")
+    for name in ("warmup_steps", "eval_every", "eval_limit", "weight_decay", "eval_temperature"):
+        check(getattr(cfg, name) >= 0, name, getattr(cfg, name), "must be >= 0")
+    check(cfg.micro_batch_tokens >= cfg.max_prompt_tokens + cfg.max_response_tokens, "micro_batch_tokens",
+          cfg.micro_batch_tokens, f"must hold one whole sequence: >= --max-prompt-tokens + --max-response-tokens "
+          f"= {cfg.max_prompt_tokens + cfg.max_response_tokens}")
+    check(cfg.lr > 0, "lr", cfg.lr, "must be > 0")
+    check(cfg.grad_clip > 0, "grad_clip", cfg.grad_clip, "must be > 0")
+    check(cfg.temperature > 0, "temperature", cfg.temperature, "training samples at T > 0 (T = 0 would be greedy)")
+    check(cfg.entropy_source in ("old", "current"), "entropy_source", cfg.entropy_source, "choose old or current")
+    check(cfg.sampler in ("auto", "vllm", "hf"), "sampler", cfg.sampler, "choose auto, vllm or hf")
+    check(cfg.sampler != "vllm" or rollout.vllm_available(), "sampler", cfg.sampler,
+          "vllm is not installed (README: install) — or use --sampler hf")
+    check(cfg.precision in ("auto", "bf16", "fp32"), "precision", cfg.precision, "choose auto, bf16 or fp32")
+    check(0 < cfg.gpu_memory_utilization <= 1, "gpu_memory_utilization", cfg.gpu_memory_utilization, "must be in (0, 1]")
+    cli.check_model("model", cfg.model)
+    for name in ("train_data", "eval_data"):
+        source = getattr(cfg, name)
+        check(not source or cli.source_exists(source), name, source,
+              "no such file, and not a hub dataset name org/name[:config][:split]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,202 +218,8 @@ def setup_distributed():
 
 
 def print0(*args):
-    if dist.get_rank() == 0:
+    if not dist.is_initialized() or dist.get_rank() == 0:
         tqdm.write(" ".join(str(a) for a in args))
-
-
-# ----------------------------------------------------------------------------------------------
-# The embedded default: a tiny Qwen2 model, warm-started on arithmetic (built once, cached)
-def prepare_tiny_model(cfg):
-    """Path of the warm-started tiny model; built by rank 0 unless the cache matches these settings."""
-    path = os.path.join(HERE, cfg.tiny_dir)  # an absolute tiny_dir stays as it is
-    recipe = {"steps": cfg.warm_start_steps, "lr": cfg.warm_start_lr, "target": cfg.warm_start_target,
-              "seed": cfg.seed, "version": 2}
-    marker = os.path.join(path, "warm_start.json")
-    if dist.get_rank() == 0:
-        cached = os.path.exists(marker) and json.load(open(marker)) == recipe
-        if not cached:
-            shutil.rmtree(path, ignore_errors=True)
-            tmp = path + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tiny.build_tiny_model(tmp, seed=cfg.seed)
-            warm_start(tmp, recipe)
-            with open(os.path.join(tmp, "warm_start.json"), "w") as f:
-                json.dump(recipe, f)
-            os.replace(tmp, path)  # atomic: a killed warm start never leaves a model that looks finished
-    dist.barrier()  # the other ranks wait for rank 0's model
-    return path
-
-
-def warm_start(path, recipe, batch_size=64, check_every=25):
-    """Supervised pass on the arithmetic train split: completion = "\\boxed{answer}" + EOS.
-
-    It stops early once greedy accuracy on 256 training problems reaches recipe["target"]: the model
-    then starts RL at a known, modest accuracy with room to improve, whatever the seed or the thread
-    count (a fixed step count at a fixed lr landed anywhere from 3% to 95% held-out across seeds,
-    because the task is learned in sudden jumps). Greedy accuracy is measured as teacher-forced exact
-    match (every answer token is the argmax), which equals greedy decoding's accuracy and costs one
-    forward pass. The held-out test split is never looked at."""
-    from transformers import AutoModelForCausalLM
-    tok = tiny.load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"])
-    problems = data.arithmetic_problems("train", seed=recipe["seed"])
-    rng = random.Random(recipe["seed"])
-
-    def encode(batch):
-        prompts = [data.prompt_ids(tok, p["question"], instruction="") for p in batch]
-        answers = [tok.encode(data.arithmetic_completion(p["answer"]), add_special_tokens=False) + [tok.eos_token_id]
-                   for p in batch]
-        return pad_batch(prompts, answers, tok.pad_token_id)  # (B, T), (B, T), (B, T-1)
-
-    probe_ids, probe_attn, probe_mask = encode(problems[:256])
-
-    def train_accuracy():
-        with torch.no_grad():
-            logits = model(input_ids=probe_ids, attention_mask=probe_attn).logits[:, :-1]
-        hit = (logits.argmax(-1) == probe_ids[:, 1:]) | (probe_mask == 0)
-        return hit.all(1).float().mean().item()
-
-    bar = tqdm(range(recipe["steps"]), desc="warm start (supervised)", disable=dist.get_rank() != 0)
-    for step in bar:
-        ids, attn, mask = encode([rng.choice(problems) for _ in range(batch_size)])
-        logp = maspo.token_logprobs(model(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:])  # (B, T-1)
-        loss = -(logp * mask).sum() / mask.sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if recipe["target"] and (step + 1) % check_every == 0:
-            acc = train_accuracy()
-            bar.set_postfix(train_acc=f"{acc:.2f}")
-            if acc >= recipe["target"]:
-                break
-    bar.close()
-    model.save_pretrained(path)
-    if recipe["target"]:
-        print(f"warm start: {step + 1} steps, greedy accuracy on 256 train problems {train_accuracy():.3f}")
-
-
-def pad_batch(prompts, completions, pad_id):
-    """Right-padded prompt+completion ids (B, T), their attention mask (B, T), and the response mask
-    (B, T-1): mask[b, t] = 1 where token t+1 is a completion token (whose log-prob the loss uses)."""
-    length = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(prompts), length), dtype=torch.long)
-    mask = torch.zeros((len(prompts), length - 1))
-    for b, (p, c) in enumerate(zip(prompts, completions)):
-        ids[b, :len(p) + len(c)] = torch.tensor(p + c)
-        attn[b, :len(p) + len(c)] = 1
-        mask[b, len(p) - 1:len(p) + len(c) - 1] = 1.0
-    return ids, attn, mask
-
-
-# ----------------------------------------------------------------------------------------------
-# Model, optimizer, checkpoints
-def load_policy(path, cfg, device):
-    """HF causal LM in float32 master weights, each decoder layer and the root sharded with FSDP2."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable()
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    # bf16 compute, float32 master weights and gradient reductions; log-probs and loss are float32 (maspo.py)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    for layer in model.model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    return model
-
-
-def full_weights(model):
-    """(name, full tensor) pairs of the sharded model, one at a time (each .full_tensor() is an
-    all-gather: every rank must iterate them in the same order)."""
-    for name, tensor in model.state_dict().items():
-        yield name, (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor)
-
-
-def lr_factor(update, cfg, total_updates):
-    """Multiplier of cfg.lr at optimizer update `update`: linear warm-up, then constant or cosine."""
-    if update < cfg.warmup_steps:
-        return (update + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "cosine":
-        progress = (update - cfg.warmup_steps) / max(1, total_updates - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return 1.0
-
-
-def latest_checkpoint(out):
-    """The newest complete checkpoint folder (a .tmp folder is an interrupted save and never counts)."""
-    root = os.path.join(out, "checkpoints")
-    done = sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d+", d)) if os.path.isdir(root) else []
-    done = [d for d in done if os.path.exists(os.path.join(root, d, "trainer_state.pt"))]
-    return os.path.join(root, done[-1]) if done else None
-
-
-def save_checkpoint(cfg, step, model, optimizer, scheduler, tokenizer):
-    """HF-format model + trainer state, written to a temp folder then renamed (atomic)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)  # collective: gathers the shards on rank 0
-    if dist.get_rank() == 0:
-        root = os.path.join(cfg.out, "checkpoints")
-        final = os.path.join(root, f"step_{step:06d}")
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=model_sd)
-        tokenizer.save_pretrained(tmp)
-        rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-        torch.save({"step": step, "optimizer": optim_sd, "scheduler": scheduler.state_dict(), "rng": rng,
-                    "config": asdict(cfg)}, os.path.join(tmp, "trainer_state.pt"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        old = sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d+", d))[:-cfg.keep_checkpoints]
-        for d in old:
-            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
-    dist.barrier()  # nobody reads or overwrites the checkpoint before it is complete
-
-
-def load_trainer_state(ckpt, model, optimizer, scheduler):
-    """Optimizer, scheduler and RNG state of a checkpoint; returns its step."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    scheduler.load_state_dict(state["scheduler"])
-    random.setstate(state["rng"]["python"])
-    torch.set_rng_state(state["rng"]["torch"])
-    return state["step"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Log-probs and the policy update
-def micro_slice(batch, idx):
-    """Rows `idx` of the rollout batch, trimmed to their longest sequence (less padding to compute)."""
-    length = int(batch["attn"][idx].sum(1).max())
-    return {k: (v[idx, :length] if k in ("ids", "attn") else v[idx, :length - 1] if v.dim() == 2 else v[idx])
-            for k, v in batch.items()}
-
-
-def forward_logprobs(model, mb, with_entropy=False):
-    """log pi(o_t) of each next token (B, T-1) and optionally the policy entropy per position."""
-    logits = model(input_ids=mb["ids"], attention_mask=mb["attn"]).logits[:, :-1]  # (B, T-1, V)
-    logp = maspo.token_logprobs(logits, mb["ids"][:, 1:])  # (B, T-1), float32
-    return logp, (maspo.entropy(logits) if with_entropy else None)
-
-
-@torch.no_grad()
-def old_logprobs(model, batch, micro_batch_size, key="old_logp"):
-    """Stage 5: log pi_old from the training model, no grad (plus entropy, for logs and Entropy-Adv)."""
-    n, width = batch["mask"].shape
-    batch[key] = torch.zeros(n, width)
-    batch["entropy"] = batch.get("entropy", torch.zeros(n, width))
-    for start in range(0, n, micro_batch_size):
-        idx = torch.arange(start, min(n, start + micro_batch_size))
-        mb = micro_slice(batch, idx)
-        logp, ent = forward_logprobs(model, mb, with_entropy=key == "old_logp")
-        batch[key][idx, :logp.shape[1]] = logp.float().cpu()
-        if ent is not None:
-            batch["entropy"][idx, :ent.shape[1]] = ent.float().cpu()
 
 
 def all_reduce(values, op=dist.ReduceOp.SUM):
@@ -388,45 +231,364 @@ def all_reduce(values, op=dist.ReduceOp.SUM):
     return t.cpu().tolist()
 
 
-def update_policy(model, optimizer, scheduler, batch, cfg, world, generator):
-    """Stage 6: epochs x shuffled mini-batches; each mini-batch is one optimizer update, accumulated
-    over micro-batches. Returns averaged loss metrics."""
+def reduce_sums(sums):
+    """{name: (sum, count)} summed over ranks -> {name: sum / count}; names sorted, so every rank sends
+    its values in the same order (one collective)."""
+    names = sorted(sums)
+    totals = all_reduce([sums[k][0] for k in names] + [sums[k][1] for k in names])
+    return {k: totals[i] / max(totals[len(names) + i], 1e-12) for i, k in enumerate(names)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folder, data, model
+def prepare_run_folder(cfg, rank):
+    """Check OUT before anything loads: writable, and holding no run unless --resume continues it."""
+    latest = latest_checkpoint(cfg.out)
+    has_metrics = os.path.exists(os.path.join(cfg.out, "metrics.jsonl"))
+    if not cfg.resume and (latest or has_metrics):
+        held = f"checkpoints up to {os.path.basename(latest)}" if latest else "metrics.jsonl"
+        raise cli.SettingError(f"error: --out {cfg.out!r} already holds a run ({held}): add --resume to continue it, "
+                               "or choose another --out (nothing was changed)")
+    if rank == 0:
+        try:
+            os.makedirs(cfg.out, exist_ok=True)
+            probe = os.path.join(cfg.out, ".write_test")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            raise cli.SettingError(f"error: --out {cfg.out!r}: cannot write there ({e.strerror})") from None
+    return latest if cfg.resume else None
+
+
+def load_data(cfg, task, embedded):
+    """Training and held-out problems, loaded before any model (a bad file fails in seconds)."""
+    keys = (cfg.prompt_key or None, cfg.answer_key or None)
+    try:
+        train = task.load(cfg.train_data or "arithmetic", *keys)
+        source = cfg.eval_data or ("arithmetic:test" if embedded else "")
+        held = task.load(source, *keys, limit=cfg.eval_limit or None) if source else []
+    except data.DataError as e:
+        raise SystemExit(f"data error: {e}") from None
+    train, duplicates = data.dedupe(train)
+    unreadable = data.unreadable_answers(train)
+    print0(f"train problems: {len(train)} ({duplicates} duplicate rows dropped, {unreadable} answers the verifier "
+           f"cannot read: always rewarded 0); held-out problems: {len(held)}")
+    return train, held
+
+
+def resolve_model(name, rank):
+    """A local folder as it is; a hub name downloaded once (local rank 0) and read from the cache."""
+    if not name or os.path.isdir(name):
+        return name
+    from huggingface_hub import snapshot_download
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+    try:
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            snapshot_download(name, allow_patterns=patterns)
+        dist.barrier()  # the other ranks of this node read the files rank 0 downloaded
+        return snapshot_download(name, allow_patterns=patterns, local_files_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: --model {name!r}: could not fetch it from the Hugging Face hub "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); pass a local folder") from None
+
+
+def prepare_prompts(problems, tokenizer, style, cfg):
+    """Prompt ids of the training problems; too-long prompts dropped, and the run stopped when more
+    than MAX_DROPPED of them are (most likely a limit set for another model or dataset)."""
+    t0 = time.time()
+    for p, ids in zip(problems, data.tokenize_prompts(tokenizer, problems, style)):
+        p["ids"] = ids
+    kept = [p for p in problems if len(p["ids"]) <= cfg.max_prompt_tokens]
+    share = 1 - len(kept) / len(problems)
+    longest = max(len(p["ids"]) for p in problems)
+    print0(f"prompts: {len(problems)} tokenized in {time.time() - t0:.1f} s; {len(problems) - len(kept)} "
+           f"({100 * share:.1f}%) longer than --max-prompt-tokens {cfg.max_prompt_tokens} dropped (longest {longest})")
+    if share > MAX_DROPPED or not kept:
+        raise SystemExit(f"error: {100 * share:.1f}% of the training prompts are longer than --max-prompt-tokens "
+                         f"{cfg.max_prompt_tokens} (at most {100 * MAX_DROPPED:.0f}% may be dropped); raise the limit "
+                         f"(longest prompt: {longest} tokens) or filter the data")
+    return kept
+
+
+def check_context(path, cfg):
+    """prompt + response tokens must fit in the model's context (max_position_embeddings)."""
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(path)
+    context = getattr(config, "max_position_embeddings", None)
+    need = cfg.max_prompt_tokens + cfg.max_response_tokens
+    if context and need > context:
+        raise SystemExit(f"error: --max-prompt-tokens {cfg.max_prompt_tokens} + --max-response-tokens "
+                         f"{cfg.max_response_tokens} = {need} > the model's context {context} "
+                         f"(max_position_embeddings in {path}/config.json): lower one of them")
+
+
+def load_policy(path, cfg, device, forward=None):
+    """The policy, FSDP2-sharded (each decoder layer, then the root), float32 master weights.
+
+    Host memory is one model copy per node, not one per rank: every rank builds the model on the
+    meta device (no memory), shards it, allocates only its own shard, and rank 0 alone reads the
+    checkpoint and broadcasts it (torch.distributed.checkpoint's set_model_state_dict with
+    broadcast_from_rank0). The forward returns log-probs, not logits (policy_forward; `forward`
+    replaces it, for bench/gpu_check.py's comparison with the unfused path)."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.forward = types.MethodType(forward or policy_forward, model)  # before fully_shard: FSDP hooks wrap it
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    # bf16 compute, float32 master weights and gradient reductions; log-probs and loss are float32
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    model.to_empty(device=device)
+    for module in model.modules():  # non-persistent buffers (rotary inv_freq) are not in checkpoints
+        if hasattr(module, "inv_freq") and hasattr(module, "config"):
+            fresh = type(module)(module.config)
+            module.inv_freq.copy_(fresh.inv_freq)
+            module.original_inv_freq.copy_(fresh.original_inv_freq)
+    full = {}
+    if dist.get_rank() == 0:
+        for name in sorted(os.listdir(path)):
+            if name.endswith(".safetensors"):
+                full.update(load_file(os.path.join(path, name)))
+        if config.tie_word_embeddings and "lm_head.weight" not in full:
+            full["lm_head.weight"] = full["model.embed_tokens.weight"]  # tied: saved once
+    # collective: rank 0's full tensors are broadcast, each rank keeps its shard
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    return model
+
+
+def policy_forward(self, input_ids, attention_mask, temperature, with_entropy=False):
+    """The policy's forward inside FSDP's root forward: token log-probs of the next token at temperature
+    T (B, T-1) and optionally the entropy H_t (B, T-1). lm_head is applied chunk by chunk by
+    logprobs.hidden_logprobs: [B, T, V] logits never exist, forward or backward. It must run inside
+    the root module's forward: lm_head's weight belongs to the root's FSDP shard group, which is
+    gathered only there."""
+    hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, D)
+    logp, H = logprobs.hidden_logprobs(hidden[:, :-1], self.lm_head.weight, input_ids[:, 1:], temperature=temperature,
+                                       with_entropy=with_entropy)  # (B, T-1) each
+    # FSDP hooks the root's outputs for its backward; a view output would warn (in-place ops could skip it)
+    return logp.clone(), (H.clone() if H is not None else None)
+
+
+def full_weights(model):
+    """(name, full tensor) pairs of the sharded model, one at a time (each .full_tensor() is an
+    all-gather: every rank must iterate them in the same order)."""
+    for name, tensor in model.state_dict().items():
+        yield name, (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor)
+
+
+def lr_factor(update, cfg):
+    """Multiplier of cfg.lr at optimizer update `update`: linear warm-up, then constant (verl's default)."""
+    return min(1.0, (update + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+def latest_checkpoint(out):
+    """The newest complete checkpoint folder (a .tmp folder is an interrupted save and never counts)."""
+    root = os.path.join(out, "checkpoints")
+    done = sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d+", d)) if os.path.isdir(root) else []
+    done = [d for d in done if os.path.exists(os.path.join(root, d, "trainer_state.pt"))]
+    return os.path.join(root, done[-1]) if done else None
+
+
+def save_checkpoint(cfg, step, model, optimizer, scheduler, tokenizer):
+    """HF-format model + trainer state, written to a temp folder then renamed (atomic). A failed write
+    (disk full, ...) is reported and training goes on; returns whether it was saved (on every rank)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)  # collective: gathers shards on rank 0
+    ok = 1.0
+    if dist.get_rank() == 0:
+        root = os.path.join(cfg.out, "checkpoints")
+        final = os.path.join(root, f"step_{step:06d}")
+        tmp = final + ".tmp"
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp, state_dict=model_sd)
+            tokenizer.save_pretrained(tmp)
+            torch.save({"step": step, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
+                        "rng": torch.get_rng_state(), "config": asdict(cfg)}, os.path.join(tmp, "trainer_state.pt"))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d+", d))[:-KEEP_CHECKPOINTS]:
+                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+        except Exception as e:  # OSError, or the safetensors writer's own error on a full disk
+            shutil.rmtree(tmp, ignore_errors=True)
+            print0(f"checkpoint step {step} NOT saved: {type(e).__name__}: {str(e).splitlines()[0]} ({root}); "
+                   "training goes on, the previous checkpoint is intact")
+            ok = 0.0
+    return all_reduce([ok], dist.ReduceOp.MIN)[0] > 0  # also a barrier: nobody reads a half-written checkpoint
+
+
+def load_trainer_state(ckpt, model, optimizer, scheduler):
+    """Optimizer, scheduler and RNG state of a checkpoint (weights were loaded with the model); its step."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return state["step"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages 1-5: prompts, samples, rewards, the batch, old log-probs
+def step_seed(cfg, step, rank=0, stage=0):
+    """The seed of one random choice of one step: a function of (seed, step, rank), so that a resumed
+    run makes exactly the choices of an uninterrupted one."""
+    return (cfg.seed * 1_000_003 + step * 7919 + rank * 101 + stage) % 2**31
+
+
+def pick_prompts(problems, step, cfg, rank, world):
+    """Stage 1: the prompts of `step` for this rank: a fixed shuffle per pass over the data, so the
+    data position is a function of the step (resume-safe)."""
+    per_rank = cfg.prompts_per_step // world
+    start = (step - 1) * cfg.prompts_per_step + rank * per_rank
+    chosen, orders = [], {}
+    for i in range(start, start + per_rank):
+        epoch, pos = divmod(i, len(problems))
+        if epoch not in orders:
+            orders[epoch] = list(range(len(problems)))
+            random.Random(cfg.seed * 1_000_003 + epoch).shuffle(orders[epoch])
+        chosen.append(problems[orders[epoch][pos]])
+    return chosen
+
+
+def build_batch(samples, rewards, cfg, pad_id):
+    """Stage 4: the rollout batch as tensors: ids / attn (B, T), mask (B, T-1) of response tokens,
+    the advantage A (B,) of each sequence, the sampler's log-probs (B, T-1); zero-signal groups
+    dropped first when --drop-zero-signal (B may then be 0 on this rank)."""
+    R = torch.tensor(rewards, dtype=torch.float32)  # (P*G,)
+    A = maspo.group_advantages(R, cfg.group_size)  # (P*G,)  Eq. A_i
+    zero_signal = R.view(-1, cfg.group_size).std(1, unbiased=False) == 0  # (P,) all-equal groups
+    keep = (~zero_signal).repeat_interleave(cfg.group_size) if cfg.drop_zero_signal else torch.ones_like(R, dtype=torch.bool)
+    flat = [s for group in samples for s in group]
+    kept = [s for s, k in zip(flat, keep) if k]
+    if kept:
+        ids, attn, mask = data.pad_batch([s.prompt_ids for s in kept], [s.completion_ids for s in kept], pad_id)
+    else:  # everything dropped on this rank: an empty batch (update_policy keeps the ranks in step)
+        ids, attn, mask = torch.zeros((0, 2), dtype=torch.long), torch.zeros((0, 2), dtype=torch.long), torch.zeros((0, 1))
+    sampler_logp = torch.zeros_like(mask)
+    for b, s in enumerate(kept):
+        first = len(s.prompt_ids) - 1
+        sampler_logp[b, first:first + len(s.logprobs)] = torch.tensor(s.logprobs)
+    return {"ids": ids, "attn": attn, "mask": mask, "adv": A[keep], "sampler_logp": sampler_logp,
+            "zero_signal": zero_signal, "n_all": len(flat)}
+
+
+def micro_batches(batch, rows, budget):
+    """Split sequence indices `rows` into micro-batches of at most `budget` padded tokens (longest
+    first, so that similar lengths share a micro-batch and little is padding). A sequence longer than
+    the budget still gets a micro-batch of its own (validate() forbids budgets below one sequence)."""
+    lengths = batch["attn"][rows].sum(1)
+    order = rows[torch.argsort(lengths, descending=True, stable=True)]
+    out, current, width = [], [], 0
+    for i in order.tolist():
+        n = int(batch["attn"][i].sum())
+        if current and (len(current) + 1) * max(width, n) > budget:
+            out.append(torch.tensor(current))
+            current, width = [], 0
+        current.append(i)
+        width = max(width, n)
+    return out + ([torch.tensor(current)] if current else [])
+
+
+def micro_slice(batch, idx, device):
+    """Rows `idx` of the rollout batch, trimmed to their longest sequence, on the device."""
+    length = int(batch["attn"][idx].sum(1).max())
+    return {k: (v[idx, :length] if k in ("ids", "attn") else v[idx, :length - 1] if v.dim() == 2 else v[idx]).to(device)
+            for k, v in batch.items() if torch.is_tensor(v) and v.shape[:1] == batch["ids"].shape[:1]}
+
+
+@torch.no_grad()
+def old_logprobs(model, batch, cfg, key="old_logp"):
+    """Stage 5: log pi_old of the response tokens at temperature T from the training model, no grad
+    (plus the entropy H, for the logs and Entropy-Adv); micro-batches as in the update."""
+    n, width = batch["mask"].shape
+    device = next(model.parameters()).device
+    batch[key] = torch.zeros(n, width)
+    batch.setdefault("entropy", torch.zeros(n, width))
+    chunks = micro_batches(batch, torch.arange(n), cfg.micro_batch_tokens)
+    n_micro = int(all_reduce([len(chunks)], dist.ReduceOp.MAX)[0])  # FSDP: every rank runs as many forwards
+    for i in range(n_micro):
+        if i >= len(chunks):
+            dummy_forward(model, cfg, device)
+            continue
+        idx = chunks[i]
+        mb = micro_slice(batch, idx, device)
+        logp, H = model(mb["ids"], mb["attn"], cfg.temperature, with_entropy=key == "old_logp")
+        batch[key][idx, :logp.shape[1]] = logp.float().cpu()
+        if H is not None:
+            batch["entropy"][idx, :H.shape[1]] = H.float().cpu()
+    # FSDP2 keeps the root's parameters (embeddings, lm_head) gathered after a forward, for the
+    # backward that usually follows; with no backward here, free them (they are the largest)
+    model.reshard()
+
+
+def dummy_forward(model, cfg, device, backward=False):
+    """A zero-weight forward (and backward) on two tokens: keeps FSDP's collectives matched on a rank
+    that has run out of sequences while others have not."""
+    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+    logp, _ = model(ids, torch.ones_like(ids), cfg.temperature)
+    if backward:
+        (logp.sum() * 0.0).backward()
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 6: the policy update
+def update_policy(model, optimizer, scheduler, batch, cfg, world, step):
+    """Stage 6: epochs x shuffled mini-batches; each mini-batch is one optimizer update, its gradient
+    accumulated over micro-batches. The loss is ONE token-mean over the whole mini-batch across all
+    ranks: each micro-batch's loss is normalised by the global token count (and FSDP averages
+    gradients over ranks, hence / world). Returns the loss metrics, token-weighted over ranks."""
     device = next(model.parameters()).device
     n = batch["ids"].shape[0]  # this rank's sequences
     per_rank = cfg.mini_batch_size // world
-    # Every rank must run the same number of forwards (FSDP collectives): agree on the largest count
-    n_mini = int(all_reduce([math.ceil(n / per_rank)], dist.ReduceOp.MAX)[0])
-    n_micro = math.ceil(per_rank / cfg.micro_batch_size)
-    sums, low, high, skipped, norms = {}, [], [], 0, []
+    n_mini = int(all_reduce([math.ceil(n / per_rank)], dist.ReduceOp.MAX)[0])  # the same count on every rank
+    generator = torch.Generator().manual_seed(step_seed(cfg, step, dist.get_rank(), stage=6))
+    sums, extremes, skipped, norms = {}, {}, 0, []
     for _ in range(cfg.epochs):
         perm = torch.randperm(n, generator=generator)
         for j in range(n_mini):
-            mb_idx = perm[j * per_rank:(j + 1) * per_rank]
-            # Global token / sequence counts of this mini-batch, so that token-mean is over all ranks'
-            # tokens; divided by world because FSDP averages (not sums) gradients over ranks
-            tokens, seqs = all_reduce([float(batch["mask"][mb_idx].sum()), float(len(mb_idx))])
+            rows = perm[j * per_rank:(j + 1) * per_rank]
+            tokens, seqs = all_reduce([float(batch["mask"][rows].sum()), float(len(rows))])  # global counts
             if tokens == 0:
                 continue  # nothing to learn from on any rank (all dropped): no update
+            chunks = micro_batches(batch, rows, cfg.micro_batch_tokens)
+            n_micro = int(all_reduce([len(chunks)], dist.ReduceOp.MAX)[0])  # FSDP: as many forwards everywhere
+            bounds = bapo_bounds(model, batch, chunks, n_micro, cfg, device) if cfg.loss.loss == "bapo" else None
             for i in range(n_micro):
-                idx = mb_idx[i * cfg.micro_batch_size:(i + 1) * cfg.micro_batch_size]
-                if len(idx) == 0:  # this rank ran out: a zero-weight forward keeps FSDP's collectives matched
-                    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
-                    (model(input_ids=ids).logits.sum() * 0.0).backward()
+                if i >= len(chunks):
+                    dummy_forward(model, cfg, device, backward=True)
                     continue
-                mb = {k: v.to(device) for k, v in micro_slice(batch, idx).items()}
-                logp, _ = forward_logprobs(model, mb)
-                loss, metrics = maspo.policy_loss(
-                    logp, mb["old_logp"], mb["adv"], mb["mask"], cfg.loss, ref_logp=mb.get("ref_logp"),
-                    entropy=mb["entropy"], num_tokens=tokens / world, num_seqs=seqs / world)
+                mb = micro_slice(batch, chunks[i], device)
+                current = cfg.loss.loss == "entropy_adv" and cfg.entropy_source == "current"
+                logp, H = model(mb["ids"], mb["attn"], cfg.temperature, with_entropy=current)
+                A = mb["adv"][:, None].expand_as(logp)  # (B, T-1)
+                if cfg.loss.loss == "entropy_adv":  # Entropy-Adv: A' = A + min(a sg(H), |A| / kappa)
+                    A = maspo.entropy_advantage(A, (H if current else mb["entropy"]).detach(), cfg.loss)
+                loss, metrics = maspo.policy_loss(logp, mb["old_logp"], A, mb["mask"], cfg.loss,
+                                                  ref_logp=mb.get("ref_logp"), bapo_bounds=bounds,
+                                                  num_tokens=tokens / world, num_seqs=seqs / world,
+                                                  norm_len=cfg.max_response_tokens)  # Dr. GRPO's L: the budget
                 loss.backward()
                 weight = float(mb["mask"].sum())
                 for k, v in metrics.items():
-                    if k.endswith("_min"):
-                        low.append((k, v))
-                    elif k.endswith("_max"):
-                        high.append((k, v))
+                    if k.endswith(("_min", "_max")):
+                        pick = min if k.endswith("_min") else max
+                        extremes[k] = pick(extremes.get(k, v), v)
                     else:
-                        sums[k] = (sums.get(k, (0.0, 0.0))[0] + v * weight, sums.get(k, (0.0, 0.0))[1] + weight)
+                        s = sums.get(k, (0.0, 0.0))
+                        sums[k] = (s[0] + v * weight, s[1] + weight)
             params = [p for p in model.parameters() if p.grad is not None]
             total = torch.nn.utils.get_total_norm([p.grad for p in params])  # global over shards
             grad_norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
@@ -440,51 +602,73 @@ def update_policy(model, optimizer, scheduler, batch, cfg, world, generator):
             model.zero_grad(set_to_none=True)  # not optimizer.zero_grad: with FSDP2 (torch 2.13) only this
             # cleared NaN gradients for the next update (tests/test_train.py::test_nan_loss_skips_the_update)
             scheduler.step()
-    keys = sorted(sums)
-    totals = all_reduce([sums[k][0] for k in keys] + [sums[k][1] for k in keys])  # token-weighted over ranks
-    out = {k: totals[i] / max(totals[len(keys) + i], 1e-9) for i, k in enumerate(keys)}
-    for pairs, op, pick in ((low, dist.ReduceOp.MIN, min), (high, dist.ReduceOp.MAX, max)):
-        names = sorted({k for k, _ in pairs})
-        local = [pick([v for k2, v in pairs if k2 == k]) for k in names]
-        out.update(zip(names, all_reduce(local, op) if names else []))
+    return finish_update_metrics(sums, extremes, norms, skipped)
+
+
+@torch.no_grad()
+def bapo_bounds(model, batch, chunks, n_micro, cfg, device):
+    """BAPO's (c_low, c_high) for one mini-batch: its search statistics summed over the mini-batch's
+    micro-batches and over all ranks, with the policy before this update (maspo.bapo_stats / bapo_pick:
+    one pair of bounds for the whole optimizer step). Costs one no-grad forward of the mini-batch."""
+    stats = torch.zeros(len(maspo.bapo_path()), 2, dtype=torch.float64)  # [K, 2]
+    for i in range(n_micro):
+        if i >= len(chunks):
+            dummy_forward(model, cfg, device)
+            continue
+        mb = micro_slice(batch, chunks[i], device)
+        logp, _ = model(mb["ids"], mb["attn"], cfg.temperature)
+        stats += maspo.bapo_stats(logp, mb["old_logp"], mb["adv"], mb["mask"]).cpu()
+    model.reshard()  # no backward follows this forward (see old_logprobs)
+    stats = torch.tensor(all_reduce(stats.flatten().tolist()), dtype=torch.float64).view_as(stats)  # every rank: same bounds
+    return maspo.bapo_pick(stats, cfg.loss).to(device)
+
+
+def finish_update_metrics(sums, extremes, norms, skipped):
+    """The update's metrics over all ranks: token-weighted means, global min / max, counts."""
+    names = sorted(set().union(*dist_gather_names(list(sums) + list(extremes))))
+    local_sums = {k: sums.get(k, (0.0, 0.0)) for k in names if not k.endswith(("_min", "_max"))}
+    out = reduce_sums(local_sums)
+    for suffix, op, neutral in (("_min", dist.ReduceOp.MIN, math.inf), ("_max", dist.ReduceOp.MAX, -math.inf)):
+        keys = [k for k in names if k.endswith(suffix)]
+        out.update(zip(keys, all_reduce([extremes.get(k, neutral) for k in keys], op)) if keys else [])
     out.update(grad_norm=sum(norms) / max(len(norms), 1), skipped_updates=skipped, updates=len(norms))
     return out
 
 
+def dist_gather_names(names):
+    """Every rank's metric names (a rank with no tokens may have none): one small object gather."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, sorted(names))
+    return [set(n) for n in everyone]
+
+
 # ----------------------------------------------------------------------------------------------
-# Data and evaluation helpers
-def tokenize_problems(problems, cfg, tokenizer, instruction):
-    """Training problems with their prompt ids; over-long prompts dropped and counted."""
-    for p in problems:
-        p["ids"] = data.prompt_ids(tokenizer, p["question"], instruction)
-    kept = [p for p in problems if len(p["ids"]) <= cfg.max_prompt_tokens]
-    print0(f"train problems: {len(kept)} kept, {len(problems) - len(kept)} dropped as longer than "
-           f"--max-prompt-tokens {cfg.max_prompt_tokens}")
-    if not kept:
-        raise SystemExit(f"no training problem fits in --max-prompt-tokens {cfg.max_prompt_tokens}: raise it")
-    return kept
+# Stages 8-9: logs and evaluation
+def step_metrics(step, batch, rewards, timeouts, samples, loss_metrics, times, lr):
+    """Stage 8: one row of metrics, summed over ranks by name."""
+    flat = [s for group in samples for s in group]
+    mask, zero = batch["mask"], batch["zero_signal"]
+    n_tokens = float(mask.sum())
+    sums = {"reward": (sum(rewards), len(rewards)), "zero_signal_frac": (float(zero.sum()), len(zero)),
+            "response_len": (sum(len(s.completion_ids) for s in flat), len(flat)),
+            "truncated_frac": (sum(s.finish_reason == "length" for s in flat), len(flat)),
+            "entropy": (float((batch["entropy"] * mask).sum()), n_tokens),
+            "logp_gap": (float(((batch["sampler_logp"] - batch["old_logp"]).abs() * mask).sum()), n_tokens),
+            "adv_abs_mean": (float(batch["adv"].abs().sum()), len(batch["adv"])),
+            "kept_frac": (len(batch["adv"]), batch["n_all"]), "verify_timeouts": (timeouts, 1),
+            "tokens": (len(flat) and sum(len(s.completion_ids) for s in flat), 1)}
+    row = {"step": step, **reduce_sums(sums)}
+    row["verify_timeouts"] = int(row["verify_timeouts"] * dist.get_world_size())  # a count, not a mean
+    row["tokens_per_s"] = row.pop("tokens") * dist.get_world_size() / times["step"]
+    return {**row, **loss_metrics, "lr": lr, **{f"t_{k}": v for k, v in times.items()}}
 
 
-def pick_prompts(problems, step, cfg, rank, world):
-    """Stage 1: the prompts of `step` for this rank: a fixed shuffle per epoch over the data, so the
-    data position is a function of the step (resume-safe)."""
-    per_rank = cfg.prompts_per_step // world
-    start = (step - 1) * cfg.prompts_per_step + rank * per_rank
-    chosen = []
-    for i in range(start, start + per_rank):
-        epoch, pos = divmod(i, len(problems))
-        order = list(range(len(problems)))
-        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
-        chosen.append(problems[order[pos]])
-    return chosen
-
-
-def held_out(sampler, tokenizer, problems, cfg, instruction, rank, world):
+def held_out(sampler, tokenizer, problems, cfg, style, stop_ids, task, rank, world):
     """Greedy accuracy and Avg@k / Pass@k (at eval_temperature) on the held-out problems, sharded over
     ranks; the per-problem correct counts are gathered so every rank returns the global numbers."""
-    from eval import evaluate, pass_at_k
     local = problems[rank::world]
-    kw = dict(max_tokens=cfg.max_response_tokens, instruction=instruction, progress=False)
+    kw = dict(max_tokens=cfg.max_response_tokens, style=style, stop_token_ids=stop_ids, reward=task.reward,
+              progress=False)
     greedy = evaluate(sampler, tokenizer, local, k=1, temperature=0.0, top_p=1.0, seed=cfg.seed, **kw)
     sampled = evaluate(sampler, tokenizer, local, k=cfg.eval_k, temperature=cfg.eval_temperature, top_p=1.0,
                        seed=cfg.seed + 1, **kw)
@@ -503,180 +687,11 @@ def dump_rollouts(cfg, step, problems, samples, rewards, how_many=4):
     folder = os.path.join(cfg.out, "rollouts")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"step_{step:06d}.jsonl"), "w") as f:
-        for p, group, rs in list(zip(problems, samples, rewards))[:how_many]:
-            for s, r in zip(group, rs):
-                f.write(json.dumps({"question": p["question"], "answer": p["answer"], "completion": s.text,
-                                    "extracted": verify.extract_answer(s.text), "reward": r,
-                                    "finish_reason": s.finish_reason}) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------
-# The loop
-def train(cfg):
-    rank, world, device = setup_distributed()
-    for name, value in (("prompts_per_step", cfg.prompts_per_step), ("mini_batch_size", cfg.mini_batch_size)):
-        if value % world:
-            raise SystemExit(f"--{name.replace('_', '-')} {value} must be divisible by the number of processes ({world})")
-    torch.manual_seed(cfg.seed)
-    embedded = not cfg.model
-    keys = (cfg.prompt_key or None, cfg.answer_key or None)
-    try:  # data first: a malformed file stops the run before any model is loaded
-        problems = data.load_problems(cfg.train_data, *keys) if cfg.train_data else data.arithmetic_problems("train", seed=cfg.seed)
-        eval_problems = (data.load_problems(cfg.eval_data, *keys, limit=cfg.eval_limit or None) if cfg.eval_data
-                         else data.arithmetic_problems("test", seed=cfg.seed)[:cfg.eval_limit or None] if embedded else [])
-    except data.DataError as e:
-        raise SystemExit(f"data error: {e}") from None
-    base = prepare_tiny_model(cfg) if embedded else cfg.model
-    instruction = "" if embedded and cfg.instruction == "auto" else (
-        data.INSTRUCTION if cfg.instruction == "auto" else cfg.instruction)
-    tokenizer = tiny.load_tokenizer(base)
-    problems = tokenize_problems(problems, cfg, tokenizer, instruction)
-
-    # Resume: weights from the latest complete checkpoint, trainer state below
-    ckpt = latest_checkpoint(cfg.out) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        print0(f"--resume: no complete checkpoint in {cfg.out}/checkpoints, starting from step 0")
-    model = load_policy(ckpt or base, cfg, device)
-    ref_model = load_policy(base, cfg, device) if cfg.loss.kl_coef > 0 else None  # frozen pi_ref for the KL term
-    updates_per_step = cfg.epochs * math.ceil(cfg.prompts_per_step * cfg.group_size / cfg.mini_batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda u: lr_factor(u, cfg, cfg.steps * updates_per_step))
-    start = load_trainer_state(ckpt, model, optimizer, scheduler) if ckpt else 0
-
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    if rank == 0:
-        os.makedirs(cfg.out, exist_ok=True)
-        rows = [json.loads(line) for line in open(metrics_path)] if start and os.path.exists(metrics_path) else []
-        if not start and os.path.exists(metrics_path):
-            print0(f"starting a fresh run in {cfg.out} (its previous metrics are replaced; --resume continues a run)")
-            shutil.rmtree(os.path.join(cfg.out, "checkpoints"), ignore_errors=True)
-        with open(metrics_path, "w") as f:  # on resume: keep exactly the steps the checkpoint covers
-            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= start)
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=2)
-    wandb_run = None
-    if cfg.wandb and rank == 0:
-        try:
-            import wandb
-        except ImportError:
-            raise SystemExit("--wandb needs the wandb package: pip install wandb") from None
-        wandb_run = wandb.init(project=cfg.wandb, config=asdict(cfg))
-
-    def log(row):
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if wandb_run:
-                wandb_run.log(row, step=row["step"])
-
-    sampler = rollout.make_sampler(
-        ckpt or base, tokenizer, backend=cfg.sampler, max_model_len=cfg.max_prompt_tokens + cfg.max_response_tokens,
-        seed=cfg.seed + rank, dtype="bfloat16" if device.type == "cuda" else "float32",
-        gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=device.type == "cuda")
-    print0(f"sampler: {sampler.backend} | processes: {world} | device: {device} | loss: {cfg.loss.loss} | "
-           f"{updates_per_step} optimizer updates per rollout batch")
-    generator = torch.Generator().manual_seed(cfg.seed * 7919 + start)
-    results = {}
-    if eval_problems and start == 0:
-        results["before"] = held_out(sampler, tokenizer, eval_problems, cfg, instruction, rank, world)
-        log({"step": 0, **results["before"]})
-        print0("held-out before RL:", fmt(results["before"]))
-
-    stage_times = {}
-    for step in tqdm(range(start + 1, cfg.steps + 1), desc="RL steps", disable=rank != 0,
-                     initial=start, total=cfg.steps):
-        t0 = time.time()
-        times = {}
-        # ---- 1. pick prompts (this rank's shard)
-        batch_problems = pick_prompts(problems, step, cfg, rank, world)
-        # ---- 2. sample G completions per prompt
-        sampler.wake_up()
-        samples = sampler.generate([p["ids"] for p in batch_problems], n=cfg.group_size,
-                                   max_tokens=cfg.max_response_tokens, temperature=cfg.temperature,
-                                   top_p=cfg.top_p, seed=cfg.seed * 100_003 + step * 101 + rank)
-        sampler.sleep()  # frees the KV cache (GPU) while the policy trains; no-op on CPU
-        times["sample"] = time.time() - t0
-        # ---- 3. verify: reward R in {0, 1}
-        t = time.time()
-        flat = [s for group in samples for s in group]  # G per prompt, in prompt order
-        golds = [p["answer"] for p in batch_problems for _ in range(cfg.group_size)]
-        rewards, timeouts = verify.reward_batch([s.text for s in flat], golds, timeout=cfg.verify_timeout)
-        times["verify"] = time.time() - t
-        # ---- 4. group advantages A (Eq. in maspo.group_advantages)
-        R = torch.tensor(rewards, dtype=torch.float32)  # (P*G,)
-        A = maspo.group_advantages(R, cfg.group_size, scale_by_std=cfg.scale_adv_by_std)  # (P*G,)
-        zero_signal = (R.view(-1, cfg.group_size).std(1, unbiased=False) == 0)  # (P,) groups with no signal
-        keep = ~zero_signal.repeat_interleave(cfg.group_size) if cfg.drop_zero_signal else torch.ones_like(R, dtype=torch.bool)
-        kept = [s for s, k in zip(flat, keep) if k]
-        batch = {}
-        if kept:
-            batch["ids"], batch["attn"], batch["mask"] = pad_batch([s.prompt_ids for s in kept],
-                                                                   [s.completion_ids for s in kept], tokenizer.pad_token_id)
-        else:  # everything dropped on this rank: an empty batch (update_policy keeps ranks in step)
-            batch.update(ids=torch.zeros((0, 2), dtype=torch.long), attn=torch.zeros((0, 2), dtype=torch.long),
-                         mask=torch.zeros((0, 1)))
-        batch["adv"] = A[keep]
-        batch["sampler_logp"] = torch.zeros_like(batch["mask"])
-        for b, s in enumerate(kept):
-            first = len(s.prompt_ids) - 1
-            batch["sampler_logp"][b, first:first + len(s.logprobs)] = torch.tensor(s.logprobs)
-        # ---- 5. old log-probs from the training model (no grad), and pi_ref for the KL term
-        t = time.time()
-        model.eval()
-        old_logprobs(model, batch, cfg.micro_batch_size)
-        if ref_model is not None:
-            old_logprobs(ref_model, batch, cfg.micro_batch_size, key="ref_logp")
-        times["old_logp"] = time.time() - t
-        # ---- 6. policy update: epochs x mini-batches of maspo.policy_loss
-        t = time.time()
-        model.train()
-        loss_metrics = update_policy(model, optimizer, scheduler, batch, cfg, world, generator)
-        times["update"] = time.time() - t
-        # ---- 7. push the new weights into the sampler
-        t = time.time()
-        sampler.wake_up()
-        sampler.load_weights(full_weights(model))
-        times["sync"] = time.time() - t
-        # ---- 8. log: one line per step
-        mask = batch["mask"]
-        n_tokens = float(mask.sum())
-        local = [sum(rewards), len(rewards), float(zero_signal.sum()), len(zero_signal), timeouts,
-                 sum(len(s.completion_ids) for s in flat), sum(s.finish_reason == "length" for s in flat),
-                 float((batch["entropy"] * mask).sum()), float(((batch["sampler_logp"] - batch["old_logp"]).abs() * mask).sum()),
-                 n_tokens, float(batch["adv"].abs().sum()), len(kept)]
-        (r_sum, n, z_sum, n_groups, n_timeouts, len_sum, trunc, ent_sum, gap_sum, tok_sum, adv_sum, n_kept) = all_reduce(local)
-        times["step"] = time.time() - t0
-        row = {"step": step, "reward": r_sum / n, "zero_signal_frac": z_sum / n_groups, "verify_timeouts": int(n_timeouts),
-               "response_len": len_sum / n, "truncated_frac": trunc / n, "entropy": ent_sum / max(tok_sum, 1),
-               "logp_gap": gap_sum / max(tok_sum, 1), "adv_abs_mean": adv_sum / max(n_kept, 1),
-               "dropped_frac": 1 - n_kept / n, **loss_metrics, "lr": scheduler.get_last_lr()[0],
-               **{f"t_{k}": v for k, v in times.items()}, "tokens_per_s": len_sum / times["step"]}
-        for k, v in times.items():
-            stage_times[k] = stage_times.get(k, 0.0) + v
-        # ---- 9. evaluate / checkpoint
-        if eval_problems and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-            row.update(held_out(sampler, tokenizer, eval_problems, cfg, instruction, rank, world))
-        if step == cfg.steps and eval_problems:
-            results["after"] = held_out(sampler, tokenizer, eval_problems, cfg, instruction, rank, world)
-            row.update(results["after"])
-        log(row)
-        print0(fmt(row))
-        if rank == 0 and cfg.rollouts_every and step % cfg.rollouts_every == 0:
-            dump_rollouts(cfg, step, batch_problems, samples, [rewards[i:i + cfg.group_size]
-                                                              for i in range(0, len(rewards), cfg.group_size)])
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(cfg, step, model, optimizer, scheduler, tokenizer)
-
-    done = cfg.steps - start
-    if done > 0:
-        print0("time per step by stage (s): " + ", ".join(f"{k} {v / done:.3f}" for k, v in stage_times.items()))
-    for when in ("before", "after"):
-        if when in results:
-            print0(f"held-out {when} RL: {fmt(results[when])}")
-    dist.barrier()  # the last collective; then the engine may go (its teardown touches torch.distributed)
-    sampler.close()
-    return results
+        for i, (p, group) in enumerate(list(zip(problems, samples))[:how_many]):
+            for j, s in enumerate(group):
+                f.write(json.dumps({"question": p.get("question") or p["messages"][-1]["content"],
+                                    "answer": p["answer"], "completion": s.text,
+                                    "reward": rewards[i * cfg.group_size + j], "finish_reason": s.finish_reason}) + "\n")
 
 
 def fmt(row):
@@ -691,10 +706,161 @@ def fmt(row):
     return " | ".join(parts)
 
 
-if __name__ == "__main__":
-    config = parse_args()
+class StopRequest:
+    """SIGINT / SIGTERM: finish the current step, save, exit. A second signal stops at once."""
+
+    def __init__(self):
+        self.signum = 0
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signum:  # the second one: stop now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signum = signum
+        print0(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+               "(signal again to stop at once)")
+
+    def agreed(self):
+        """Whether any rank was signalled (a collective: all ranks stop at the same step)."""
+        return all_reduce([float(self.signum)], dist.ReduceOp.MAX)[0]
+
+
+@contextmanager
+def timed(times, name):
+    t = time.time()
+    yield
+    times[name] = time.time() - t
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+def train(cfg, run):
+    """Set up (settings were validated by parse_args), then the loop; `run` collects the objects that
+    the caller shuts down (sampler), so that every exit path closes them once."""
+    rank, world, device = setup_distributed()
+    ckpt = prepare_run_folder(cfg, rank)
+    task, embedded = data.get_task(cfg.task), not cfg.model
+    problems, eval_problems = load_data(cfg, task, embedded)
+    base = (tiny.prepare_tiny_model(cfg.tiny_dir, cfg.warm_start_steps, cfg.seed)
+            if embedded else resolve_model(cfg.model, rank))
+    tokenizer = tiny.load_tokenizer(base)
+    style = data.PromptStyle(instruction=("" if embedded else task.instruction) if cfg.instruction == "auto"
+                             else cfg.instruction, system_prompt=cfg.system_prompt, chat_template=cfg.chat_template)
+    stop_ids = data.stop_token_ids(base, tokenizer)
+    check_context(base, cfg)
+    problems = prepare_prompts(problems, tokenizer, style, cfg)
+    print0("settings:", textwrap.fill(" ".join(cli.describe(cfg)), 118, subsequent_indent="  "))
+    print0(f"stop tokens: {tokenizer.convert_ids_to_tokens(stop_ids)} | processes: {world} | device: {device}")
+    model = load_policy(ckpt or base, cfg, device)
+    ref_model = load_policy(base, cfg, device) if cfg.loss.kl_coef > 0 else None  # frozen pi_ref for the KL term
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: lr_factor(u, cfg))
+    start = load_trainer_state(ckpt, model, optimizer, scheduler) if ckpt else 0
+    log = open_log(cfg, start, rank)
+    run["sampler"] = sampler = rollout.make_sampler(
+        ckpt or base, tokenizer, backend=cfg.sampler, max_model_len=cfg.max_prompt_tokens + cfg.max_response_tokens,
+        seed=cfg.seed + rank, dtype="bfloat16" if device.type == "cuda" else "float32",
+        gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=device.type == "cuda")
+    evaluate_now = lambda: held_out(sampler, tokenizer, eval_problems, cfg, style, stop_ids, task, rank, world)  # noqa: E731
+    if eval_problems and start == 0:
+        log({"step": 0, **evaluate_now()}, "held-out before RL: ")
+    stop = StopRequest()
+    for step in tqdm(range(start + 1, cfg.steps + 1), desc="RL steps", disable=rank != 0, initial=start, total=cfg.steps):
+        times, t0 = {}, time.time()
+        # ---- 1. pick prompts (this rank's shard)
+        batch_problems = pick_prompts(problems, step, cfg, rank, world)
+        # ---- 2. sample G completions per prompt, stopping at the end of the turn
+        with timed(times, "sample"):
+            sampler.wake_up()
+            samples = sampler.generate([p["ids"] for p in batch_problems], n=cfg.group_size,
+                                       max_tokens=cfg.max_response_tokens, temperature=cfg.temperature,
+                                       seed=step_seed(cfg, step, rank, stage=2), stop_token_ids=stop_ids)
+            sampler.sleep()  # frees the KV cache (GPU) while the policy trains; no-op on CPU
+        # ---- 3. verify: reward R in {0, 1}
+        with timed(times, "verify"):
+            texts = [s.text for group in samples for s in group]
+            rewards, timeouts = task.reward(texts, [p for p in batch_problems for _ in range(cfg.group_size)],
+                                            VERIFY_TIMEOUT)
+        # ---- 4. group advantages A (maspo.group_advantages), as a padded batch
+        batch = build_batch(samples, rewards, cfg, tokenizer.pad_token_id)
+        # ---- 5. old log-probs from the training model (no grad), and pi_ref for the KL term
+        with timed(times, "old_logp"):
+            model.eval()
+            old_logprobs(model, batch, cfg)
+            if ref_model is not None:
+                old_logprobs(ref_model, batch, cfg, key="ref_logp")
+        # ---- 6. policy update: epochs x mini-batches of maspo.policy_loss
+        with timed(times, "update"):
+            model.train()
+            loss_metrics = update_policy(model, optimizer, scheduler, batch, cfg, world, step)
+        # ---- 7. push the new weights into the sampler
+        with timed(times, "sync"):
+            sampler.wake_up()
+            sampler.load_weights(full_weights(model))
+        # ---- 8. log: one line per step
+        times["step"] = time.time() - t0
+        row = step_metrics(step, batch, rewards, timeouts, samples, loss_metrics, times, scheduler.get_last_lr()[0])
+        if rank == 0 and step % ROLLOUTS_EVERY == 0:
+            dump_rollouts(cfg, step, batch_problems, samples, rewards)
+        # ---- 9. evaluate / checkpoint
+        if eval_problems and (step == cfg.steps or cfg.eval_every and step % cfg.eval_every == 0):
+            row.update(evaluate_now())
+        log(row)
+        stopping = stop.agreed()
+        if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+            saved = save_checkpoint(cfg, step, model, optimizer, scheduler, tokenizer)
+            if step == cfg.steps and not saved:
+                raise SystemExit(f"error: the final checkpoint (step {step}) could not be written to {cfg.out}")
+        if stopping:
+            print0(f"stopped at step {step} ({signal.Signals(int(stopping)).name}); continue with --resume")
+            raise SystemExit(128 + int(stopping))
+    dist.barrier()  # the last collective; then the engine may go (its teardown touches torch.distributed)
+
+
+def open_log(cfg, start, rank):
+    """The metrics log: OUT/metrics.jsonl (on resume: exactly the steps the checkpoint covers), the
+    console, and wandb if asked. Returns log(row, prefix)."""
+    path = os.path.join(cfg.out, "metrics.jsonl")
+    wandb_run = None
+    if rank == 0:
+        rows = [json.loads(line) for line in open(path)] if start and os.path.exists(path) else []
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= start)
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("--wandb needs the wandb package: pip install wandb") from None
+            wandb_run = wandb.init(project=cfg.wandb, config=asdict(cfg), resume="allow")
+
+    def log(row, prefix=""):
+        if rank == 0:
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if wandb_run:
+                wandb_run.log(row, step=row["step"])
+        print0(prefix + fmt(row))
+    return log
+
+
+def main(argv=None):
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars at every load and save
+    run = {}
     try:
-        train(config)
-    finally:
+        train(parse_args(argv), run)  # every setting checked before anything loads
+    except cli.SettingError as e:
+        cli.exit_with(e)
+    finally:  # one shutdown, in order, whatever happened: the engine first (its teardown uses the process group)
+        if run.get("sampler") is not None:
+            run["sampler"].close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -116,7 +116,7 @@ def test_evaluate_scores_sampled_texts_with_the_verifier():
              ["\\boxed{8}", "\\boxed{6}", "7", "\\boxed{1}"]]  # 0 correct (an unboxed 7 does not count)
     sampler = ScriptedSampler(texts)
     res = ev.evaluate(sampler, tokenizer, problems, k=2, n=4, temperature=0.6, top_p=0.95, max_tokens=9,
-                      instruction="", seed=3, progress=False)
+                      style=data.PromptStyle(instruction=""), seed=3, progress=False)
     assert [r["correct"] for r in res["results"]] == [2, 1, 0]
     assert res["avg"] == pytest.approx((2 / 4 + 1 / 4 + 0) / 3)
     assert res["pass"] == pytest.approx(((1 - 1 / 6) + (1 - 3 / 6) + 0) / 3)  # pass@2 from n = 4
@@ -146,7 +146,7 @@ def test_loading_each_benchmark_format(tmp_path):
     expected = {"aime24": "113", "amc23": "36", "math500": "p - q", "minerva_math": "1.6",
                 "olympiadbench": "\\frac{1}{2 n+2}"}
     files = [write_jsonl(tmp_path / f"{name}.jsonl", [row, row]) for name, row in SAMPLES.items()]
-    suites = ev.load_benchmarks(ev.EvalConfig(benchmarks=files, limit=1))
+    suites = ev.load_benchmarks(ev.EvalConfig(benchmarks=files, limit=1), data.TASKS["math"])
     assert list(suites) == list(SAMPLES)  # table columns named after the file stems
     for name, problems in suites.items():
         assert len(problems) == 1  # --limit
@@ -172,15 +172,17 @@ def test_json_list_multi_answer_and_key_overrides(tmp_path):
     assert data.load_problems(str(path))[0]["answer"] == "1, -2"
     custom = write_jsonl(tmp_path / "custom.jsonl", [{"q": "What is 6*7?", "gold": 42, "answer": "wrong field"}])
     cfg = ev.EvalConfig(benchmarks=[custom], prompt_key="q", answer_key="gold")
-    assert ev.load_benchmarks(cfg)["custom"] == [{"question": "What is 6*7?", "answer": "42", "where": f"{custom}:1"}]
+    assert ev.load_benchmarks(cfg, data.TASKS["math"])["custom"] == \
+        [{"question": "What is 6*7?", "answer": "42", "where": f"{custom}:1", "answer_line": False}]
     chat = write_jsonl(tmp_path / "verl.jsonl", [{"prompt": [{"role": "system", "content": "be brief"},
                                                              {"role": "user", "content": "1+1?"}],
                                                   "reward_model": {"ground_truth": "2"}}])
-    assert data.load_problems(chat)[0]["question"] == "1+1?" and data.load_problems(chat)[0]["answer"] == "2"
+    assert data.load_problems(chat)[0]["messages"][-1] == {"role": "user", "content": "1+1?"}
+    assert data.load_problems(chat)[0]["answer"] == "2"
 
 
 def test_parquet_benchmark(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
     path = str(tmp_path / "math500.parquet")
     pq.write_table(pa.Table.from_pylist([SAMPLES["math500"], SAMPLES["amc23"]]), path)
@@ -190,14 +192,13 @@ def test_parquet_benchmark(tmp_path):
 def test_malformed_row_is_named_by_file_and_line(tmp_path):
     bad_json = tmp_path / "aime25.jsonl"
     bad_json.write_text(json.dumps(SAMPLES["aime24"]) + "\n{\"problem\": \"x\", \"answer\": \n")
+    import tiny
+    model = tiny.build_tiny_model(str(tmp_path / "model"))
     with pytest.raises(SystemExit, match=f"{bad_json}:2: not valid JSON"):  # through the CLI: fails before any model
-        ev.main(["--model", str(tmp_path / "no-such-model"), "--benchmarks", str(bad_json)])
+        ev.main(["--model", model, "--benchmarks", str(bad_json), "--backend", "hf"])
     no_answer = write_jsonl(tmp_path / "amc.jsonl", [SAMPLES["amc23"], SAMPLES["amc23"], {"problem": "2+2?"}])
     with pytest.raises(data.DataError, match=f"{no_answer}:3: no answer"):
-        ev.load_benchmarks(ev.EvalConfig(benchmarks=[no_answer]))
-    if importlib.util.find_spec("datasets") is None:  # not a file: a hub name, which needs `datasets`
-        with pytest.raises(data.DataError, match="no-such-dataset.*pip install datasets"):
-            ev.load_benchmarks(ev.EvalConfig(benchmarks=["org/no-such-dataset"]))
+        ev.load_benchmarks(ev.EvalConfig(benchmarks=[no_answer]), data.TASKS["math"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,7 +240,8 @@ def test_embedded_default_evaluates_before_and_after(tmp_path, monkeypatch, caps
     tokenizer = tiny.load_tokenizer(after)
     fresh = rollout.make_sampler(after, tokenizer, backend="hf", max_model_len=64)
     problems = data.arithmetic_problems("test")[:6]
-    want = ev.evaluate(fresh, tokenizer, problems, k=1, temperature=0.0, max_tokens=5, instruction="", progress=False)
+    want = ev.evaluate(fresh, tokenizer, problems, k=1, temperature=0.0, max_tokens=5, progress=False,
+                       style=data.PromptStyle(instruction=""), stop_token_ids=[tokenizer.eos_token_id])
     got = [json.loads(line) for line in open(os.path.join(out, "tiny_after_RL", "arith-test.jsonl"))]
     assert [g["samples"][0] for g in got] == [w["samples"][0] for w in want["results"]]
     assert [g["samples"] for g in got] != [json.loads(line)["samples"] for line in
@@ -247,9 +249,11 @@ def test_embedded_default_evaluates_before_and_after(tmp_path, monkeypatch, caps
     # the instruction follows training: none for the tiny model (a run's config.json, or the warm-start
     # cache's marker), the \boxed{} instruction for a model of unknown origin, a given one verbatim
     (tmp_path / ".cache" / "tiny-arith" / "warm_start.json").write_text("{}")
+    math = data.TASKS["math"]
     for path, want in [(after, ""), (str(tmp_path / ".cache" / "tiny-arith"), ""), (str(tmp_path), data.INSTRUCTION)]:
-        assert ev.instruction_for(ev.EvalConfig(), ev.run_config(path)) == want, path
-    assert ev.instruction_for(ev.EvalConfig(instruction="Solve."), ev.run_config(after)) == "Solve."
+        assert ev.style_for(ev.EvalConfig(), ev.run_config(path), math).instruction == want, path
+    assert ev.style_for(ev.EvalConfig(instruction="Solve."), ev.run_config(after), math).instruction == "Solve."
+    assert ev.style_for(ev.EvalConfig(instruction=""), ev.run_config(after), math).instruction == ""
     table = open(os.path.join(out, "results.md")).read()
     assert "| tiny (before RL) |" in table and "| tiny (after RL) |" in table and "arith-test" in table
 
@@ -287,7 +291,8 @@ def test_eval_cli_end_to_end_with_vllm(tmp_path):
     # C ran in A's engine with C's weights pushed in: its greedy samples are C's own (HF generate agrees)
     tokenizer = tiny.load_tokenizer(c)
     hf = rollout.make_sampler(c, tokenizer, backend="hf", max_model_len=128)
-    want = ev.evaluate(hf, tokenizer, data.load_problems(arith), k=1, temperature=0.0, max_tokens=6, progress=False)
+    want = ev.evaluate(hf, tokenizer, data.load_problems(arith), k=1, temperature=0.0, max_tokens=6, progress=False,
+                       style=data.PromptStyle(), stop_token_ids=data.stop_token_ids(c, tokenizer))
     got = [r["samples"][0] for r in per_problem["C"]]
     assert got == [w["samples"][0] for w in want["results"]]
     assert got != [r["samples"][0] for r in per_problem["A"]]
@@ -333,3 +338,41 @@ def test_plot_errors_are_clear(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     with pytest.raises(SystemExit, match="pip install matplotlib"):
         plot.plot_runs([str(tmp_path)], str(tmp_path / "x.png"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's six benchmarks by name, and settings checked before anything loads
+def test_benchmark_names_resolve_to_the_built_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(ev, "HERE", str(tmp_path))
+    (tmp_path / "benchmarks").mkdir()
+    aime = write_jsonl(tmp_path / "benchmarks" / "aime24.jsonl", [SAMPLES["aime24"]])
+    math500 = write_jsonl(tmp_path / "benchmarks" / "math500.jsonl", [SAMPLES["math500"], SAMPLES["amc23"]])
+    other = write_jsonl(tmp_path / "mine.jsonl", [SAMPLES["amc23"]])
+    suites = ev.load_benchmarks(ev.EvalConfig(model=["m"], benchmarks=["aime24", "math500", other]), data.TASKS["math"])
+    assert list(suites) == ["aime24", "math500", "mine"] and [len(p) for p in suites.values()] == [1, 2, 1]
+    assert suites["aime24"][0]["where"] == f"{aime}:1" and suites["math500"][1]["where"] == f"{math500}:2"
+    # with --model and no --benchmarks: all six, in the paper's order; a missing one says how to build it
+    with pytest.raises(SystemExit, match="benchmark 'aime25' is not built yet.*python benchmarks/build.py"):
+        ev.load_benchmarks(ev.EvalConfig(model=["m"]), data.TASKS["math"])
+    for name in ev.BENCHMARKS[2:]:
+        write_jsonl(tmp_path / "benchmarks" / f"{name}.jsonl", [SAMPLES["amc23"]])
+    write_jsonl(tmp_path / "benchmarks" / "aime25.jsonl", [SAMPLES["aime24"]])
+    assert list(ev.load_benchmarks(ev.EvalConfig(model=["m"]), data.TASKS["math"])) == list(ev.BENCHMARKS)
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--k", "0"], "--k 0"), (["--k", "4", "--n", "2"], "--n 2"), (["--temperature", "-1"], "--temperature -1.0"),
+    (["--top-p", "0"], "--top-p 0.0"), (["--backend", "sglang"], "--backend 'sglang'"),
+    (["--model", "a", "b", "--names", "x"], "--names ['x']"), (["--task", "chess"], "--task 'chess'"),
+    (["--benchmarks", "aime23"], "--benchmarks 'aime23'"), (["--model", "/nonexistent"], "--model '/nonexistent'"),
+])
+def test_each_bad_setting_is_one_clear_line(flags, words, tmp_path):
+    import cli
+    if "--model" in flags and "a" in flags:  # two existing model folders, so that only --names is wrong
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "config.json").write_text("{}")
+        flags = ["--model", str(tmp_path / "a"), str(tmp_path / "b"), "--names", "x"]
+    with pytest.raises(cli.SettingError) as err:
+        ev.parse_args(flags)
+    assert words in str(err.value) and "\n" not in str(err.value)

@@ -1,9 +1,15 @@
 """Helper script for tests/test_train.py (not collected by pytest): one rollout batch of fixed
 sequences through train.old_logprobs + train.update_policy, in 1 process (plain python) or N
-(torchrun). Writes the resulting full weights and the update metrics to OUT (rank 0).
+(torchrun), with the real FSDP2 model of train.load_policy. Writes the resulting full weights and
+the update metrics to OUT (rank 0).
 
-    python tests/train_script.py MODEL_DIR OUT.pt [update|nan_first|nan_all]
-    torchrun --nproc_per_node 2 tests/train_script.py MODEL_DIR OUT.pt update
+    python tests/train_script.py MODEL_DIR OUT.pt MODE
+    torchrun --nproc_per_node 2 tests/train_script.py MODEL_DIR OUT.pt MODE
+
+MODE: "update" (2 epochs of one mini-batch, the whole batch: the second update is off-policy;
+with smaller mini-batches 1 and 2 processes would shuffle different sequences together), "one" (a single
+update over the whole batch, sequences split unevenly over ranks: 11 / 5), "empty_rank" (the same,
+rank 1 holding no sequence), "nan_first" / "nan_all" (the loss poisoned with NaN).
 """
 import os
 import sys
@@ -11,30 +17,49 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 import maspo  # noqa: E402
 import train  # noqa: E402
 
+N, GROUP, TEMPERATURE = 16, 4, 0.7
+REWARDS = [1., 0, 0, 1, 0, 0, 0, 1, 1, 1, 0, 1, 0, 1, 0, 0]
 
-def fixed_batch(n=16, group_size=4, vocab=99):
-    """16 sequences of varied prompt / completion lengths and rewards with signal in every group."""
+
+def fixed_batch(vocab):
+    """16 sequences of varied prompt / completion lengths (ragged masks), rewards with signal in
+    every group of 4."""
     g = torch.Generator().manual_seed(1)
     lengths = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))  # noqa: E731
-    prompts = [torch.randint(3, vocab, (lengths(3, 8),), generator=g).tolist() for _ in range(n)]
-    completions = [torch.randint(3, vocab, (lengths(2, 10),), generator=g).tolist() for _ in range(n)]
-    ids, attn, mask = train.pad_batch(prompts, completions, pad_id=0)
-    rewards = torch.tensor([1., 0, 0, 1, 0, 0, 0, 1, 1, 1, 0, 1, 0, 1, 0, 0])
-    return {"ids": ids, "attn": attn, "mask": mask, "adv": maspo.group_advantages(rewards, group_size)}
+    prompts = [torch.randint(3, vocab, (lengths(3, 8),), generator=g).tolist() for _ in range(N)]
+    completions = [torch.randint(3, vocab, (lengths(2, 12),), generator=g).tolist() for _ in range(N)]
+    ids, attn, mask = data.pad_batch(prompts, completions, pad_id=0)
+    return {"ids": ids, "attn": attn, "mask": mask, "adv": maspo.group_advantages(torch.tensor(REWARDS), GROUP)}
+
+
+def settings(mode):
+    """"one" / "empty_rank": one update over the whole batch (mini_batch_size / world >= every rank's
+    share, so uneven ranks still make one mini-batch). Small token budgets (40 tokens: 1-3 sequences per micro-batch) so that micro-batching, and
+    different micro-batch counts on different ranks, are exercised."""
+    one = mode in ("one", "empty_rank")
+    return train.cli.build(train.Config, dict(
+        model="x", prompts_per_step=N // GROUP, group_size=GROUP, mini_batch_size=2 * N if one else N,
+        epochs=1 if one else 2, micro_batch_tokens=40, max_prompt_tokens=8, max_response_tokens=12,
+        grad_clip=1e9, temperature=TEMPERATURE, grad_checkpointing=False))
 
 
 def main(model_dir, out, mode):
     rank, world, device = train.setup_distributed()
-    cfg = train.make_config(dict(mini_batch_size=16, micro_batch_size=3, epochs=2, grad_clip=1e9))
+    cfg = settings(mode)
     model = train.load_policy(model_dir, cfg, device)
-    batch = fixed_batch()
-    shard = slice(rank * 16 // world, (rank + 1) * 16 // world)  # each rank holds its own sequences
+    batch = fixed_batch(vocab=99)
+    cut = {"one": 11, "empty_rank": N}.get(mode, N // 2) if world == 2 else N  # rank 0 holds rows [:cut]
+    shard = slice(0, cut) if rank == 0 else slice(cut, N)
     local = {k: v[shard] for k, v in batch.items()}
-    train.old_logprobs(model, local, cfg.micro_batch_size)
-    if mode != "update":  # inject NaN into the loss: every call, or only the first update's
+    # SGD, not Adam: Adam's first step is scale-free and would hide a wrong loss normalisation
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
+    train.old_logprobs(model, local, cfg)
+    if mode.startswith("nan"):  # inject NaN into the loss: every call, or only the first update's
         real, calls = maspo.policy_loss, []
 
         def poisoned(*args, **kwargs):
@@ -42,15 +67,12 @@ def main(model_dir, out, mode):
             calls.append(1)
             return (loss * float("nan") if mode == "nan_all" or len(calls) == 1 else loss), metrics
         maspo.policy_loss = poisoned
-    # SGD, not Adam: Adam's first step is scale-free and would hide a wrong loss normalisation
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
-    metrics = train.update_policy(model, optimizer, scheduler, local, cfg, world, torch.Generator().manual_seed(0))
+    metrics = train.update_policy(model, optimizer, scheduler, local, cfg, world, step=1)
     weights = {k: v.detach().cpu().clone() for k, v in train.full_weights(model)}
     if rank == 0:
-        torch.save({"weights": weights, "metrics": metrics}, out)
+        torch.save({"weights": weights, "metrics": metrics, "old_logp": local["old_logp"]}, out)
     torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "update")
+    main(sys.argv[1], sys.argv[2], sys.argv[3])

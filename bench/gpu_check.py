@@ -1,0 +1,158 @@
+"""bench/gpu_check.py: the GPU check, in one go (< 8 minutes on one H200), with nothing downloaded.
+
+Needs only torch, transformers, tokenizers and tqdm (no vLLM, no network: what a bare GPU image has).
+  1. builds a random model at the DeepSeek-R1-Distill-Qwen-1.5B / Qwen2.5-1.5B shape locally (vocab
+     151,936, hidden 1,536, intermediate 8,960, 28 layers, 12 heads, 2 KV heads) with the stand-in
+     chat tokenizer of tiny.py (so prompts, templates and stop tokens are real; most of the vocabulary
+     is never sampled);
+  2. runs 3 steps of train.py on it in bf16 with the HF sampler (the whole loop: sample, verify,
+     old log-probs, MASPO updates, weight sync, checkpoint);
+  3. times ONE optimizer update at T = 4096 tokens per sequence through train.update_policy, for the
+     fused log-prob path (train.policy_forward: lm_head applied chunk by chunk, logprobs.hidden_logprobs)
+     and the unfused one (HF logits [B, T, V] -> logprobs.token_logprobs), each with and without
+     activation checkpointing, and prints tokens/s, MFU and peak memory, and the loss of each (the
+     two paths must agree).
+
+MFU = achieved FLOP/s / peak FLOP/s, with the update's FLOPs counted the usual way (Kaplan et al.;
+PaLM appendix B): 6 N per token for the matmuls of forward + backward (N = parameters, the lm_head
+included), plus 12 L d T per token for attention scores and values (L layers, d = hidden size,
+T = sequence length; causal masking not discounted), plus 2 N per token more with activation
+checkpointing (the recomputed forward). The fused path's recomputed lm_head (2 V d per token) is
+not counted as useful work. Peak: --peak-tflops (default 989, the H100/H200 dense bf16 figure).
+
+Run:  python bench/gpu_check.py                  (one GPU)
+      python bench/gpu_check.py --toy            (toy size, CPU or GPU: seconds; tests/test_bench.py runs it)
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SHAPE_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12, num_kv_heads=2,
+                  vocab_size=151936, max_position_embeddings=8192)
+SHAPE_TOY = dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2, num_kv_heads=1,
+                 vocab_size=2048, max_position_embeddings=1024)
+
+
+def unfused_forward(self, input_ids, attention_mask, temperature, with_entropy=False):
+    """The path before the fused one: HF logits [B, T, V], then chunked log_softmax + gather. It runs as
+    the FSDP root's forward (like train.policy_forward); the HF class's own forward does the model."""
+    import logprobs
+    out = type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    logits = out.logits[:, :-1]  # (B, T-1, V)
+    logp = logprobs.token_logprobs(logits, input_ids[:, 1:], temperature=temperature)
+    return logp, (logprobs.entropy(logits, temperature=temperature) if with_entropy else None)
+
+
+def train_three_steps(model, out, toy):
+    """train.py end to end, bf16, HF sampler; returns (seconds, its metrics rows)."""
+    args = [sys.executable, os.path.join(ROOT, "train.py"), "--model", model, "--train-data", "arithmetic",
+            "--steps", "3", "--prompts-per-step", "8", "--group-size", "4", "--mini-batch-size", "16",
+            "--max-prompt-tokens", "128", "--max-response-tokens", "64" if toy else "512", "--micro-batch-tokens", "8192",
+            "--precision", "bf16", "--sampler", "hf", "--lr", "1e-6", "--save-every", "3", "--out", out]
+    t = time.time()
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"train.py failed:\n{proc.stderr[-4000:]}")
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return time.time() - t, [json.loads(line) for line in f]
+
+
+def time_update(model_dir, fused, checkpointing, B, T, toy):
+    """One optimizer update through train.update_policy; returns a result dict."""
+    import torch
+    import maspo
+    import train
+    rank, world, device = train.setup_distributed()
+    cfg = train.cli.build(train.Config, dict(
+        model=model_dir, prompts_per_step=1, group_size=B, mini_batch_size=B, micro_batch_tokens=T,
+        max_prompt_tokens=64, max_response_tokens=T - 64, grad_checkpointing=checkpointing, precision="bf16"))
+    model = train.load_policy(model_dir, cfg, device, forward=None if fused else unfused_forward)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
+    g = torch.Generator().manual_seed(0)
+    V = model.config.vocab_size
+    ids = torch.randint(0, min(V, 1000), (B, T), generator=g)
+    mask = torch.zeros(B, T - 1)
+    mask[:, 63:] = 1.0  # the response: all but the first 64 tokens
+    batch = {"ids": ids, "attn": torch.ones_like(ids), "mask": mask,
+             "adv": maspo.group_advantages(torch.tensor([1.0, 0.0] * (B // 2) + [0.0] * (B % 2)), B)}
+    train.old_logprobs(model, batch, cfg)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    t = time.time()
+    metrics = train.update_policy(model, optimizer, scheduler, batch, cfg, world, step=1)
+    sync()
+    seconds = time.time() - t
+    n = sum(p.numel() for p in model.parameters())  # sharded numel = full numel on one process
+    L, d = model.config.num_hidden_layers, model.config.hidden_size
+    flops_per_token = (8 if checkpointing else 6) * n + 12 * L * d * T  # see the module docstring
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    del model, optimizer
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"path": "fused" if fused else "unfused", "checkpointing": checkpointing, "tokens": B * T,
+            "seconds": seconds, "tokens_per_s": B * T / seconds, "flops": flops_per_token * B * T,
+            "peak_gib": peak, "grad_norm": metrics["grad_norm"], "approx_kl": metrics["approx_kl"]}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--toy", action="store_true", help="toy shapes (seconds, CPU or GPU)")
+    p.add_argument("--B", type=int, default=2, help="sequences in the timed update (default 2)")
+    p.add_argument("--T", type=int, default=4096, help="tokens per sequence in the timed update (default 4096)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak (H100/H200: 989)")
+    p.add_argument("--out", default="", help="work folder (default: a temp folder)")
+    args = p.parse_args()
+    import torch
+    import tiny
+    if args.toy:
+        args.T = min(args.T, 256)
+    work = args.out or tempfile.mkdtemp(prefix="gpu_check_")
+    print(f"torch {torch.__version__} | cuda {torch.cuda.is_available()} "
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else ''} | work folder {work}", flush=True)
+    t = time.time()
+    model = tiny.build_chat_model(os.path.join(work, "model"), "qwen", **(SHAPE_TOY if args.toy else SHAPE_1_5B))
+    print(f"1. model: {tiny.num_parameters(model) / 1e9:.3f}B parameters built in {time.time() - t:.0f} s", flush=True)
+    seconds, rows = train_three_steps(model, os.path.join(work, "run"), args.toy)
+    last = rows[-1]
+    print(f"2. train.py, 3 steps in bf16 (HF sampler): {seconds:.0f} s in all; last step: reward {last['reward']:.3f}, "
+          f"len {last['response_len']:.0f}, grad norm {last['grad_norm']:.3g}, logp_gap {last['logp_gap']:.3g}, "
+          f"t_sample {last['t_sample']:.1f} s, t_update {last['t_update']:.1f} s", flush=True)
+    print(f"3. one update at T = {args.T}, B = {args.B}:")
+    results = []
+    for fused in (True, False):
+        for checkpointing in (True, False):
+            try:
+                r = time_update(model, fused, checkpointing, args.B, args.T, args.toy)
+            except torch.OutOfMemoryError as e:
+                print(f"   {'fused' if fused else 'unfused':8s} checkpointing={checkpointing!s:5s} out of memory: "
+                      f"{str(e).splitlines()[0]}", flush=True)
+                continue
+            mfu = r["flops"] / r["seconds"] / (args.peak_tflops * 1e12)
+            print(f"   {r['path']:8s} checkpointing={checkpointing!s:5s} {r['tokens_per_s']:10.0f} tokens/s  "
+                  f"MFU {100 * mfu:5.1f}%  peak {r['peak_gib']:6.1f} GiB  {r['seconds']:.2f} s  "
+                  f"grad norm {r['grad_norm']:.6g}", flush=True)
+            results.append(r)
+    norms = [r["grad_norm"] for r in results]
+    if norms:
+        spread = (max(norms) - min(norms)) / max(abs(max(norms)), 1e-12)
+        print(f"   relative spread of the gradient norm across the four: {spread:.2e} (the paths must agree)")
+    print("JSON " + json.dumps({"train_seconds": seconds, "updates": results}))
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""bench/gpu_check.py at toy size on the CPU, so the GPU check cannot rot between GPU sessions: the
+3 train.py steps in bf16 complete and the four timed updates (fused / unfused log-probs, with and
+without activation checkpointing) run through train.update_policy and agree on the gradient.
+What it buys (~1 min): the script a GPU session runs as its one shot still works."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_check_runs_at_toy_size(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--toy", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("JSON "))[5:])
+    updates = result["updates"]
+    assert sorted((u["path"], u["checkpointing"]) for u in updates) == \
+        [("fused", False), ("fused", True), ("unfused", False), ("unfused", True)]
+    norms = [u["grad_norm"] for u in updates]
+    assert min(norms) > 0 and (max(norms) - min(norms)) / max(norms) < 1e-2  # same loss, same data: same gradient
+    assert all(u["tokens"] == 2 * 256 and u["tokens_per_s"] > 0 for u in updates)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["updates"] == 2 for r in rows)
+    assert os.path.exists(tmp_path / "run" / "checkpoints" / "step_000003" / "trainer_state.pt")
