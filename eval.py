@@ -320,7 +320,10 @@ def run(cfg):
     import torch
     if cfg.model:
         names = cfg.names or [label_of(m.rstrip("/")) for m in cfg.model]
-        models = [(name, resolve_model(m), run_config(m)) for name, m in zip(names, cfg.model)]
+        try:  # run folders -> their latest checkpoint; hub names -> the local copy (downloaded once)
+            models = [(name, tiny.local_model(resolve_model(m)), run_config(m)) for name, m in zip(names, cfg.model)]
+        except OSError as e:
+            raise SystemExit(f"eval.py: --model: {e}") from None
     else:
         models = embedded_default()
     task_name = cfg.task if cfg.task != "auto" else models[0][2].get("task", "math")

@@ -57,6 +57,7 @@ import os
 import random
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -282,6 +283,8 @@ def quiet_vllm_logs():
         logging.getLogger(name).addFilter(_warnings_and_above)
     for name in QUIET_MESSAGES:
         logging.getLogger(name).addFilter(_not_quiet_message)
+    # vllm 0.32's triton_utils touches torch.distributed.reduce_op once, mid-run: a deprecation of torch's, not ours
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op. is deprecated", category=FutureWarning)
 
 
 def _warnings_and_above(record):

@@ -110,6 +110,21 @@ def load_tokenizer(path):
     return AutoTokenizer.from_pretrained(path)
 
 
+def local_model(name):
+    """A local model folder for `name`: a folder as it is, a hub name downloaded once into the Hugging
+    Face cache (weights, configs, tokenizer files) and read from there. train.py calls it on one rank
+    per node first; OSError says what went wrong."""
+    if os.path.isdir(name):
+        return name
+    from huggingface_hub import snapshot_download
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+    try:
+        return snapshot_download(name, allow_patterns=patterns)
+    except Exception as e:  # offline, unknown name, gated model...: one line
+        raise OSError(f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}: "
+                      f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); pass a local folder") from None
+
+
 def num_parameters(model_dir) -> int:
     """Parameter count of a saved model (read from its safetensors files)."""
     from safetensors import safe_open

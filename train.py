@@ -49,6 +49,7 @@ Where the loop deviates from the authors' verl set-up (reasons at each place):
   4. A non-finite loss or gradient norm skips that optimizer update (counted in `skipped_updates`).
   5. AdamW with weight decay 0.01 and no warm-up, constant lr: verl's actor defaults.
 """
+import gc
 import json
 import math
 import os
@@ -56,8 +57,10 @@ import random
 import re
 import shutil
 import signal
+import sys
 import textwrap
 import time
+import traceback
 import types
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -277,20 +280,15 @@ def load_data(cfg, task, embedded):
     return train, held
 
 
-def resolve_model(name, rank):
-    """A local folder as it is; a hub name downloaded once (local rank 0) and read from the cache."""
-    if not name or os.path.isdir(name):
-        return name
-    from huggingface_hub import snapshot_download
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+def resolve_model(name):
+    """A local folder for --model: downloaded once per node (local rank 0) when it is a hub name."""
     try:
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-            snapshot_download(name, allow_patterns=patterns)
+            tiny.local_model(name)
         dist.barrier()  # the other ranks of this node read the files rank 0 downloaded
-        return snapshot_download(name, allow_patterns=patterns, local_files_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: --model {name!r}: could not fetch it from the Hugging Face hub "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); pass a local folder") from None
+        return tiny.local_model(name)
+    except OSError as e:
+        raise SystemExit(f"error: --model: {e}") from None
 
 
 def prepare_prompts(problems, tokenizer, style, cfg):
@@ -744,7 +742,7 @@ def train(cfg, run):
     task, embedded = data.get_task(cfg.task), not cfg.model
     problems, eval_problems = load_data(cfg, task, embedded)
     base = (tiny.prepare_tiny_model(cfg.tiny_dir, cfg.warm_start_steps, cfg.seed)
-            if embedded else resolve_model(cfg.model, rank))
+            if embedded else resolve_model(cfg.model))
     tokenizer = tiny.load_tokenizer(base)
     style = data.PromptStyle(instruction=("" if embedded else task.instruction) if cfg.instruction == "auto"
                              else cfg.instruction, system_prompt=cfg.system_prompt, chat_template=cfg.chat_template)
@@ -764,8 +762,10 @@ def train(cfg, run):
         seed=cfg.seed + rank, dtype="bfloat16" if device.type == "cuda" else "float32",
         gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=device.type == "cuda")
     evaluate_now = lambda: held_out(sampler, tokenizer, eval_problems, cfg, style, stop_ids, task, rank, world)  # noqa: E731
+    results = {}
     if eval_problems and start == 0:
-        log({"step": 0, **evaluate_now()}, "held-out before RL: ")
+        results["before"] = evaluate_now()
+        log({"step": 0, **results["before"]}, "held-out before RL: ")
     stop = StopRequest()
     for step in tqdm(range(start + 1, cfg.steps + 1), desc="RL steps", disable=rank != 0, initial=start, total=cfg.steps):
         times, t0 = {}, time.time()
@@ -806,7 +806,7 @@ def train(cfg, run):
             dump_rollouts(cfg, step, batch_problems, samples, rewards)
         # ---- 9. evaluate / checkpoint
         if eval_problems and (step == cfg.steps or cfg.eval_every and step % cfg.eval_every == 0):
-            row.update(evaluate_now())
+            row.update(results.setdefault("after" if step == cfg.steps else step, evaluate_now()))
         log(row)
         stopping = stop.agreed()
         if step % cfg.save_every == 0 or step == cfg.steps or stopping:
@@ -816,7 +816,11 @@ def train(cfg, run):
         if stopping:
             print0(f"stopped at step {step} ({signal.Signals(int(stopping)).name}); continue with --resume")
             raise SystemExit(128 + int(stopping))
+    for when in ("before", "after") if "after" in results else ():  # the summary, when RL ran
+        if when in results:
+            print0(f"held-out {when} RL: {fmt(results[when])}")
     dist.barrier()  # the last collective; then the engine may go (its teardown touches torch.distributed)
+    return results
 
 
 def open_log(cfg, start, rank):
@@ -855,11 +859,24 @@ def main(argv=None):
         train(parse_args(argv), run)  # every setting checked before anything loads
     except cli.SettingError as e:
         cli.exit_with(e)
-    finally:  # one shutdown, in order, whatever happened: the engine first (its teardown uses the process group)
-        if run.get("sampler") is not None:
-            run["sampler"].close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    except BaseException:
+        traceback.clear_frames(sys.exc_info()[2])  # the loop's locals (the FSDP model) go now: see shutdown()
+        raise
+    finally:
+        shutdown(run)
+
+
+def shutdown(run):
+    """Once, in order, on every exit path: the engine first (vLLM's teardown uses the process group),
+    then the FSDP model, then the process group. The FSDP2 model and its optimizer live in reference
+    cycles: left to the interpreter's exit, they are destroyed during finalization, after the process
+    group, with gloo's pending work objects still holding tensors, which can abort the process
+    ("terminate called without an active exception"); collecting them first makes teardown ordered."""
+    if run.get("sampler") is not None:
+        run.pop("sampler").close()
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -376,3 +376,8 @@ def test_each_bad_setting_is_one_clear_line(flags, words, tmp_path):
     with pytest.raises(cli.SettingError) as err:
         ev.parse_args(flags)
     assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_embedded_default_response_budget_matches_train():
+    import train  # eval.py cannot import train.py (train.py imports it); the constant must agree by hand
+    assert ev.TINY_RESPONSE_TOKENS == train.TINY_PRESET["max_response_tokens"]

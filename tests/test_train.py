@@ -44,8 +44,8 @@ def model_dir(tmp_path_factory):
 
 
 def update(model_dir, out, mode, nproc=1):
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                    "--nproc_per_node", str(nproc)]
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    "--nproc_per_node", str(nproc)]  # standalone: a free port
     proc = run(launcher + ["tests/train_script.py", model_dir, str(out), mode])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out)
@@ -78,17 +78,20 @@ def test_update_equals_one_policy_loss_call(model_dir, tmp_path):
         assert diff < 1e-6, f"{mode} on {nproc} process(es): differs from one policy_loss call by {diff}"
 
 
-def test_sharded_update_equals_single_process(model_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["update", "bapo"])
+def test_sharded_update_equals_single_process(model_dir, tmp_path, mode):
     """Two epochs over the whole batch (2 updates, the second off-policy so MASPO's gate acts):
-    2 processes give the 1-process weights and metrics."""
-    one = update(model_dir, tmp_path / "one.pt", "update")
-    two = update(model_dir, tmp_path / "two.pt", "update", nproc=2)
+    2 processes give the 1-process weights and metrics. BAPO: its bounds come from statistics summed
+    over the mini-batch and both ranks, so both processes pick the 1-process bounds."""
+    one = update(model_dir, tmp_path / "one.pt", mode)
+    two = update(model_dir, tmp_path / "two.pt", mode, nproc=2)
     start = start_weights(model_dir)
     assert min((one["weights"][k] - start[k]).abs().max().item() for k in start) > 1e-4  # every tensor moved
     diff = max((one["weights"][k] - two["weights"][k]).abs().max().item() for k in start)
     assert diff < 1e-5, f"2-process FSDP update differs from the 1-process one by {diff}"
     assert one["metrics"]["updates"] == 2 and one["metrics"]["ratio_dev_mean"] > 0.01
-    for k in ("grad_norm", "gate_mean", "ratio_dev_mean", "approx_kl", "ratio_max"):
+    keys = ("grad_norm", "gate_mean", "ratio_dev_mean", "approx_kl", "ratio_max")
+    for k in keys + (("bapo_c_low", "bapo_c_high") if mode == "bapo" else ()):
         assert abs(one["metrics"][k] - two["metrics"][k]) < 1e-5 * max(1, abs(one["metrics"][k])), k
 
 
@@ -120,7 +123,9 @@ if rank == 0:
     torch.save(weights, sys.argv[3])
 with open(f"{sys.argv[3]}.rank{rank}", "w") as f:
     f.write(str(grown * 1024))
-torch.distributed.destroy_process_group()
+del model
+torch.distributed.barrier()
+train.shutdown({})
 '''
 
 
@@ -133,7 +138,8 @@ def test_one_model_copy_per_node(tmp_path):
     script = tmp_path / "load.py"
     script.write_text(LOAD_SCRIPT)
     out = tmp_path / "w.pt"
-    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), path, ROOT, str(out)])
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), path,
+                ROOT, str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     from transformers import AutoModelForCausalLM
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
@@ -168,8 +174,12 @@ def test_short_real_run_with_vllm(tiny_dir, tmp_path):
     proc = run(tiny_run_args(tiny_dir, out, "--steps", "3", "--save-every", "1", "--sampler", "vllm",
                              "--temperature", "0.7", "--kl-coef", "0.1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "sampler backend: vllm" in proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
+    log = proc.stdout + proc.stderr
+    assert "sampler backend: vllm" in log and "Traceback" not in log
+    # a quiet console: after the start-up, one line per RL step (and the progress bar), nothing from vLLM
+    lines = [l for l in log.split("held-out before RL", 1)[1].replace("\r", "\n").splitlines() if l.strip()]
+    assert [l for l in lines if "INFO" in l or "WARNING" in l or "vllm" in l.lower()] == []
+    assert [int(l.split("|")[0].split()[1]) for l in lines if l.strip().startswith("step ")] == [1, 2, 3]
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert "acc" in rows[0] and "acc" in rows[3]
@@ -403,7 +413,7 @@ def test_two_ranks_gather_the_held_out_set_and_count_lost_rewards(tiny_dir, tmp_
     env = {**ENV, "PYTHONPATH": str(tmp_path)}
     accs = []
     for nproc in (1, 2):
-        launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+        launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                         "--nproc_per_node", "2"]
         out = tmp_path / f"run{nproc}"
         args = tiny_run_args(tiny_dir, out, "--steps", "1", "--sampler", "hf", "--eval-k", "2")[1:]

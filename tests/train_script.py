@@ -6,7 +6,7 @@ the update metrics to OUT (rank 0).
     python tests/train_script.py MODEL_DIR OUT.pt MODE
     torchrun --nproc_per_node 2 tests/train_script.py MODEL_DIR OUT.pt MODE
 
-MODE: "update" (2 epochs of one mini-batch, the whole batch: the second update is off-policy;
+MODE: "update" / "bapo" (MASPO / BAPO; 2 epochs of one mini-batch, the whole batch: the second update is off-policy;
 with smaller mini-batches 1 and 2 processes would shuffle different sequences together), "one" (a single
 update over the whole batch, sequences split unevenly over ranks: 11 / 5), "empty_rank" (the same,
 rank 1 holding no sequence), "nan_first" / "nan_all" (the loss poisoned with NaN).
@@ -41,7 +41,8 @@ def settings(mode):
     share, so uneven ranks still make one mini-batch). Small token budgets (40 tokens: 1-3 sequences per micro-batch) so that micro-batching, and
     different micro-batch counts on different ranks, are exercised."""
     one = mode in ("one", "empty_rank")
-    return train.cli.build(train.Config, dict(
+    loss = {"loss": "bapo"} if mode == "bapo" else {}
+    return train.cli.build(train.Config, dict(**loss,
         model="x", prompts_per_step=N // GROUP, group_size=GROUP, mini_batch_size=2 * N if one else N,
         epochs=1 if one else 2, micro_batch_tokens=40, max_prompt_tokens=8, max_response_tokens=12,
         grad_clip=1e9, temperature=TEMPERATURE, grad_checkpointing=False))
@@ -71,7 +72,9 @@ def main(model_dir, out, mode):
     weights = {k: v.detach().cpu().clone() for k, v in train.full_weights(model)}
     if rank == 0:
         torch.save({"weights": weights, "metrics": metrics, "old_logp": local["old_logp"]}, out)
-    torch.distributed.destroy_process_group()
+    del model, optimizer, scheduler
+    torch.distributed.barrier()  # both ranks are done communicating before either tears down
+    train.shutdown({})  # the FSDP objects collected before the process group goes (see train.shutdown)
 
 
 if __name__ == "__main__":
