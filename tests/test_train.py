@@ -217,13 +217,16 @@ def final_state(out, step):
                                                                           weights_only=False)
 
 
-def test_resume_is_exact(tiny_dir, tmp_path):
+def test_resume_is_exact(tmp_path_factory, tmp_path):
     """The guarantee (train.py's docstring): a resumed run reproduces the uninterrupted one. Run A goes
-    through; run B gets SIGTERM during step 2 (it finishes the step, saves, exits 143), is resumed,
+    through; run B gets SIGTERM early (it finishes its step, saves, exits 143), is resumed,
     then SIGKILLed while its step-4 checkpoint is being written, and resumed again: the interrupted
     save never counts, every step is logged once, and weights, AdamW state and per-step metrics
     equal run A's."""
-    args = ["--steps", "6", "--save-every", "2", "--sampler", "hf", "--eval-every", "3"]
+    # a warm start long enough (target 30%) for rewards to differ within groups: otherwise A = 0, no weight
+    # moves and the comparison below would hold for any optimizer state
+    tiny_dir = str(tmp_path_factory.mktemp("warm") / "tiny")
+    args = ["--steps", "6", "--save-every", "2", "--sampler", "hf", "--eval-every", "3", "--warm-start-steps", "400"]
     a = run(tiny_run_args(tiny_dir, tmp_path / "a", *args))
     assert a.returncode == 0, a.stderr[-3000:]
     b_args = tiny_run_args(tiny_dir, tmp_path / "b", *args)
@@ -233,7 +236,7 @@ def test_resume_is_exact(tiny_dir, tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 128 + signal.SIGTERM
     stopped = [r["step"] for r in read_metrics(tmp_path / "b")][-1]
-    assert 2 <= stopped < 4 and train.latest_checkpoint(str(tmp_path / "b")).endswith(f"step_{stopped:06d}")
+    assert 1 <= stopped < 4 and train.latest_checkpoint(str(tmp_path / "b")).endswith(f"step_{stopped:06d}")
     proc = subprocess.Popen(b_args + ["--resume"], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     wait_for(lambda: os.path.exists(tmp_path / "b" / "checkpoints" / "step_000004.tmp"), proc)
@@ -252,6 +255,9 @@ def test_resume_is_exact(tiny_dir, tmp_path):
             assert rb[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (ra["step"], k)
     wa, sa = final_state(tmp_path / "a", 6)
     wb, sb = final_state(tmp_path / "b", 6)
+    assert sum(r["zero_signal_frac"] < 1 for r in rows_a[1:]) >= 3  # most steps carried a learning signal
+    start = final_state(tmp_path / "a", 4)[0]
+    assert max((wa[k] - start[k]).abs().max().item() for k in wa) > 1e-4  # steps 5-6 moved the weights
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
     for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
         for key in ("exp_avg", "exp_avg_sq", "step"):
@@ -428,6 +434,27 @@ def test_two_ranks_gather_the_held_out_set_and_count_lost_rewards(tiny_dir, tmp_
         row = read_metrics(tmp_path / f"lossy{nproc}" / "run")[-1]
         assert row["verify_timeouts"] == 16 // 4 and row["reward"] == 0.0  # 4 prompts x G 4 checks per step
     assert accs[0] == accs[1] and len(accs[0]) == 2  # held-out before and after, the same with 2 ranks
+
+
+BOOM_FILE = """
+import data
+def reward(completions, problems, timeout=1.0):
+    raise RuntimeError("boom in the reward")
+TASK = data.Task(load=data.load_problems, instruction="", reward=reward)
+"""
+
+
+def test_an_error_in_the_loop_shows_one_traceback(tiny_dir, tmp_path):
+    """An exception in the middle of a step (here the reward) reaches the user as one traceback, the
+    real one: the vLLM engine and the process group are shut once, in order (no second traceback from
+    the engine's teardown, no "Invalid process group")."""
+    (tmp_path / "boom.py").write_text(BOOM_FILE)
+    proc = subprocess.run(tiny_run_args(tiny_dir, tmp_path / "run", "--steps", "2", "--sampler", "vllm", "--task", "boom:TASK",
+                                        "--eval-limit", "1"), cwd=ROOT, env={**ENV, "PYTHONPATH": str(tmp_path)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.count("Traceback") == 1 and proc.stderr.rstrip().endswith("RuntimeError: boom in the reward")
+    assert "Invalid process group" not in proc.stderr and "Exception ignored" not in proc.stderr
 
 
 def test_malformed_row_is_named(tiny_dir, tmp_path):
