@@ -57,6 +57,12 @@ def _check(T, chunk_size):
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
+
+def _scaled(x, dtype, T):
+    """z = x / T in `dtype`; at T = 1 no copy is made for float32 x (x itself is returned)."""
+    x = x.to(dtype)
+    return x if T == 1 else x / T
+
 # ----------------------------------------------------------------------------------------------
 # 1. From logits [B, T, V]
 
@@ -79,7 +85,7 @@ class _TokenLogprobs(torch.autograd.Function):
         logp = logits.new_empty(B, T, dtype=dt)                            # [B, T]
         lse = logits.new_empty(B, T, dtype=dt)                             # [B, T] logsumexp(z)
         for b0, b1, t0, t1 in _blocks(B, T, chunk_size):
-            z = logits[b0:b1, t0:t1].to(dt) / temperature                  # [b, t, V] float32, one chunk
+            z = _scaled(logits[b0:b1, t0:t1], dt, temperature)             # [b, t, V] float32, one chunk
             lse[b0:b1, t0:t1] = torch.logsumexp(z, dim=-1)
             logp[b0:b1, t0:t1] = z.gather(-1, ids[b0:b1, t0:t1, None]).squeeze(-1) - lse[b0:b1, t0:t1]
         ctx.save_for_backward(logits, ids, lse)
@@ -110,7 +116,7 @@ class _Entropy(torch.autograd.Function):
         B, T, V = logits.shape
         H = logits.new_empty(B, T, dtype=_wide(logits.dtype))              # [B, T]
         for b0, b1, t0, t1 in _blocks(B, T, chunk_size):
-            logq = torch.log_softmax(logits[b0:b1, t0:t1].to(H.dtype) / temperature, dim=-1)  # log p
+            logq = torch.log_softmax(_scaled(logits[b0:b1, t0:t1], H.dtype, temperature), dim=-1)  # log p
             H[b0:b1, t0:t1] = -(logq.exp() * logq).sum(-1)
         ctx.save_for_backward(logits, H)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
@@ -121,7 +127,7 @@ class _Entropy(torch.autograd.Function):
         logits, H = ctx.saved_tensors
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)  # [B, T, V]
         for b0, b1, t0, t1 in _blocks(*logits.shape[:2], ctx.chunk_size):
-            logq = torch.log_softmax(logits[b0:b1, t0:t1].to(H.dtype) / ctx.temperature, dim=-1)
+            logq = torch.log_softmax(_scaled(logits[b0:b1, t0:t1], H.dtype, ctx.temperature), dim=-1)
             g = grad_H[b0:b1, t0:t1, None].to(H.dtype) / ctx.temperature   # [b, t, 1]
             p = logq.exp()
             grad[b0:b1, t0:t1] = logq.add_(H[b0:b1, t0:t1, None]).mul_(p).mul_(-g)  # -g p (log p + H) / T

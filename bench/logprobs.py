@@ -1,7 +1,7 @@
 """bench/logprobs.py: time and peak memory of logprobs.token_logprobs against the naive
 log_softmax + gather, at B x T x V = 4 x 2048 x 32000 float32 on the CPU, in one run.
 
-Target (issue 2): the chunked forward needs <= 0.3x the naive peak memory at <= 1.2x its time.
+Target: the chunked forward needs <= 0.3x the naive peak memory at <= 1.2x its time.
 Forward + backward is measured too (the training forward differentiates through token_logprobs).
 
 Memory: each (method, pass) runs once in a fresh child process, so that its high-water mark

@@ -3,7 +3,7 @@ when the `math-verify` package is installed, the same pairs through Math-Verify 
 its speed as a library, and as verify.py's backend="math_verify", with the agreement rate between
 the two backends, each one's accuracy against the pairs' labels, and the pairs they disagree on.
 
-Target (issue 3): at least as fast as Math-Verify, and more than 1,000 typical pairs per second
+Target: at least as fast as Math-Verify, and more than 1,000 typical pairs per second
 per core.
 
 The mix: answer styles of the five benchmarks (MATH500, AIME, AMC, Minerva, OlympiadBench), each

@@ -193,6 +193,8 @@ def run_grid(jobs, out, steps, command_of, env, parallel, first=()):
 def write_results(out, results, k, settings, wall, reused, n_runs, base="GRPO"):
     """OUT/results.md (table + run notes), OUT/results.json (per seed), OUT/curves.png; returns the table."""
     os.makedirs(out, exist_ok=True)
+    if "out" in settings:  # recorded relative to the repository, not as this machine's path
+        settings = dict(settings, out=os.path.relpath(os.path.abspath(settings["out"]), ROOT))
     md = table(results, k, base)
     note = f" ({reused} of {n_runs} runs reused from an earlier call)" if reused else ""
     with open(os.path.join(out, "results.md"), "w") as f:
