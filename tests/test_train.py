@@ -265,6 +265,28 @@ def test_resume_is_exact(tmp_path_factory, tmp_path):
     assert sa["scheduler"] == sb["scheduler"]
 
 
+def test_ctrl_c_saves_and_resume_continues(tiny_dir, tmp_path):
+    """Ctrl-C (SIGINT) as SIGTERM above: the step in progress finishes and is saved, the exit status
+    is 130 with one line saying how to continue and no traceback, and --resume runs the remaining
+    steps, each logged once. (The exactness of a resumed run is test_resume_is_exact's.)"""
+    args = tiny_run_args(tiny_dir, tmp_path / "run", "--steps", "40", "--sampler", "hf", "--eval-every", "0")
+    with open(tmp_path / "stdout.txt", "w") as stdout:
+        proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=stdout, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: (tmp_path / "run" / "metrics.jsonl").exists()
+                 and any('"step": 1,' in line for line in open(tmp_path / "run" / "metrics.jsonl")), proc)
+        proc.send_signal(signal.SIGINT)
+        console = proc.communicate(timeout=300)[1]
+    console += (tmp_path / "stdout.txt").read_text()
+    assert proc.returncode == 128 + signal.SIGINT, console[-3000:]
+    assert "Traceback" not in console and "continue with --resume" in console
+    stopped = read_metrics(tmp_path / "run")[-1]["step"]
+    assert 1 <= stopped < 40 and train.latest_checkpoint(str(tmp_path / "run")).endswith(f"step_{stopped:06d}")
+    more = run(tiny_run_args(tiny_dir, tmp_path / "run", "--steps", str(stopped + 2), "--sampler", "hf",
+                             "--eval-every", "0", "--resume"))
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if r["step"]] == list(range(1, stopped + 3))
+
+
 def test_run_folder_is_never_overwritten_and_full_disk(tiny_dir, tmp_path):
     """A run into a folder that holds a run stops before anything loads; an unwritable --out is one
     line; a full disk (a file-size limit) fails the checkpoint writes with a message, training goes on
