@@ -23,6 +23,7 @@ Run:  python tiny.py --out runs/tiny --size 0.5M                 (random tiny mo
       python tiny.py --chat qwen --out runs/chat --warm-start     (stand-in chat model, ~1 min)
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -286,11 +287,13 @@ if __name__ == "__main__":
     parser.add_argument("--chat", choices=sorted(CHAT_STYLES), help="build the stand-in chat model in this style")
     parser.add_argument("--warm-start", action="store_true", help="warm-start it on arithmetic (to 30%% train accuracy)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    parser.add_argument("--context", type=int, default=512,
+                        help="max_position_embeddings (e.g. 4096 to run eval.py on the benchmarks' long prompts)")
     args = parser.parse_args()
-    if args.chat:
-        path = build_chat_model(args.out, args.chat, seed=args.seed, **SIZES[args.size])
-    else:
-        path = build_tiny_model(args.out, seed=args.seed, **SIZES[args.size])
+    if args.context < 64:
+        parser.error(f"--context {args.context}: must be >= 64")
+    build = functools.partial(build_chat_model, style=args.chat) if args.chat else build_tiny_model
+    path = build(args.out, seed=args.seed, max_position_embeddings=args.context, **SIZES[args.size])
     if args.warm_start:
         warm_start(path, data.arithmetic_problems("train", seed=args.seed), data.TASKS["math"].demo, steps=2000,
                    target=WARM_START_TARGET, seed=args.seed)

@@ -62,3 +62,25 @@ def test_head_dim_below_32_is_refused(tmp_path):
         tiny.build_tiny_model(str(tmp_path / "m"), hidden_size=64, num_heads=4, num_kv_heads=1)
     with pytest.raises(ValueError, match="divisible"):
         tiny.build_tiny_model(str(tmp_path / "m"), hidden_size=128, num_heads=3, num_kv_heads=1)
+
+
+def test_command_line_builds_a_chat_model_with_the_context_asked_for(tmp_path):
+    """`python tiny.py --chat qwen --context 4096` (the README's benchmark-on-a-laptop model): the
+    context is the one asked for, the end-of-turn token is in generation_config; a context too small
+    to hold a prompt is refused with one line."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "chat"
+    proc = subprocess.run([sys.executable, "tiny.py", "--chat", "qwen", "--context", "4096", "--out", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 4096
+    tok = tiny.load_tokenizer(str(out))
+    eos = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    assert tok.convert_tokens_to_ids("<|im_end|>") in eos
+    bad = subprocess.run([sys.executable, "tiny.py", "--context", "10", "--out", str(tmp_path / "x")], cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--context 10: must be >= 64" in bad.stderr and "Traceback" not in bad.stderr
