@@ -274,6 +274,9 @@ QUIET_MESSAGES = {
     # start-up, CPU: chunked prefill is off on purpose (VLLMSampler.__init__); the log-probs are
     # checked against a plain forward pass on prompts longer than one step's budget
     "vllm.engine.arg_utils": ["does not officially support disabling chunked prefill"],
+    # start-up, CPU: the worker swaps torch.set_num_threads for a no-op that warns, then vLLM calls
+    # it itself; VLLMSampler.__init__ puts the real setter and the thread count back afterwards
+    "vllm.v1.worker.cpu_worker": ["doesn't allow to use `torch.set_num_threads`"],
 }
 
 
