@@ -29,7 +29,7 @@ class SettingError(ValueError):
 def exit_with(error):
     """Print a SettingError's line to stderr and exit with status 2."""
     print(error, file=sys.stderr)
-    raise SystemExit(2) from None
+    raise SystemExit(error.code) from None
 
 
 def check(ok, flag, value, rule):
@@ -137,15 +137,12 @@ def _coerce(f, value):
     raise SettingError(f"error: --{name.replace('_', '-')} {value!r}: expected a {kind.__name__}")
 
 
-def describe(obj, skip=()):
+def describe(obj):
     """The settings of a dataclass as "name=value" words (nested ones flattened), for the log."""
     words = []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            words += describe(value, skip)
-        elif f.name not in skip:
-            words.append(f"{f.name}={value}")
+        words += describe(value) if dataclasses.is_dataclass(value) else [f"{f.name}={value}"]
     return words
 
 

@@ -51,9 +51,9 @@ def _wide(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-def _check(T, chunk_size):
-    if not T > 0:
-        raise ValueError(f"temperature must be > 0, got {T}")
+def _check(temperature, chunk_size):
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
@@ -190,20 +190,21 @@ class _HiddenLogprobs(torch.autograd.Function):
                 H[n0:n1] = -(logq.exp() * logq).sum(-1)                    # Eq. H = -sum p log p
         ctx.save_for_backward(h, weight, i, lse, H)
         ctx.temperature, ctx.chunk_size, ctx.hidden_shape = temperature, chunk_size, hidden.shape
+        ctx.set_materialize_grads(False)  # an output nobody differentiates (H used detached) arrives as None
         return (logp.view(B, T), H.view(B, T)) if with_entropy else logp.view(B, T)
 
     @staticmethod
     def backward(ctx, grad_logp, *grad_H):
         h, weight, i, lse, H = ctx.saved_tensors
-        T, N = ctx.temperature, h.shape[0]
+        temperature, N = ctx.temperature, h.shape[0]
         need_h, need_w = ctx.needs_input_grad[:2]
-        g_lp = grad_logp.reshape(N, 1).to(lse.dtype)                      # [N, 1] dL/dlog pi
+        g_lp = grad_logp.reshape(N, 1).to(lse.dtype) if grad_logp is not None else lse.new_zeros(N, 1)  # dL/dlog pi
         g_H = grad_H[0].reshape(N, 1).to(lse.dtype) if grad_H and grad_H[0] is not None else None
         grad_h = torch.empty_like(h) if need_h else None                   # [N, D]
         grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=h.device) if need_w else None  # [V, D] fp32
         for n0 in range(0, N, ctx.chunk_size):
             n1 = min(n0 + ctx.chunk_size, N)
-            logq = _chunk_logits(h[n0:n1], weight, T, lse.dtype).sub_(lse[n0:n1, None])  # recomputed log p
+            logq = _chunk_logits(h[n0:n1], weight, temperature, lse.dtype).sub_(lse[n0:n1, None])  # recomputed log p
             p = logq.exp()                                                 # [n, V]
             if g_H is None:
                 dz = p.mul_(-g_lp[n0:n1])                                  # -g p
@@ -211,7 +212,7 @@ class _HiddenLogprobs(torch.autograd.Function):
                 dz = p.mul_(logq.add_(H[n0:n1, None]).mul_(g_H[n0:n1]).add_(g_lp[n0:n1]).neg_())
             del logq
             dz.scatter_add_(-1, i[n0:n1], g_lp[n0:n1])  # Eq. dL/dz = g (onehot - p) - g_H p (log p + H)
-            dx = dz.div_(T).to(weight.dtype)                               # dL/d(hidden @ weight.T) = dL/dz / T
+            dx = dz.div_(temperature).to(weight.dtype)                     # dL/d(hidden @ weight.T) = dL/dz / T
             if need_h:
                 grad_h[n0:n1] = dx @ weight                                # Eq. d/dhidden = dx @ weight
             if need_w and dx.dtype == grad_w.dtype:

@@ -5,9 +5,9 @@ and of the objectives it is compared with. Pure tensor functions: no I/O, no col
 In file order:
   LossConfig, DEFAULTS   one field per hyper-parameter; the per-objective defaults of the fields left
                          None (clip_low, clip_high, agg) in one table; resolve(cfg) fills them in.
-  group_advantages       A_i = (R_i - mean R) / (std R + eps) per group of G (Dr. GRPO: R_i - mean R).
-  entropy_advantage      Entropy-Advantage shaping A' = A + min(a * sg(H), |A| / kappa) (arXiv 2506.14758),
-                         applied by the CALLER to the advantages; the objective is then GRPO's.
+  group_advantages       the group-normalised advantage A_i per group of G (Dr. GRPO: without the std).
+  entropy_advantage      Entropy-Advantage shaping of A into A' (arXiv 2506.14758), applied by the CALLER
+                         to the advantages; the objective is then GRPO's.
   the objectives         one function each, side by side, (rho, A, p_old, mask, cfg) -> (loss_t, F, extra):
                          maspo_loss (mass-adaptive limiter m, risk controller k_pos / k_neg, unilateral
                          soft Gaussian gate F on sg(rho)); grpo_loss (hard clip, dual clip c; also
@@ -29,7 +29,7 @@ Use (train.py, per micro-batch; T = the sampling temperature, see logprobs.py):
 BAPO: once per mini-batch, before its micro-batches, with pi_theta before this mini-batch's update:
     stats = sum over the mini-batch's micro-batches of bapo_stats(logp, old_logp, A, mask)  # [K, 2], no grad
     all_reduce(stats, SUM)                       # every rank then picks the same bounds
-    bounds = bapo_pick(stats, cfg)               # [2] = (c_low, c_high), used by all its micro-batches
+    bounds = bapo_pick(stats)                    # [2] = (c_low, c_high), used by all its micro-batches
 Tests: `python -m pytest tests/test_maspo.py -q`.
 
 Legend. Shapes: G group size, B sequences, T tokens, K candidate bounds of BAPO's search.
@@ -173,7 +173,7 @@ def group_advantages(rewards, group_size, scale_by_std=True, eps=1e-6):
 
 
 def entropy_advantage(A, H, cfg):
-    """Entropy-Advantage shaping (arXiv 2506.14758): A' = A + min(a * sg(H), |A| / kappa).
+    """Entropy-Advantage shaping (arXiv 2506.14758), Eq. A' at the return below.
     A [B] or [B, T], H [B, T] (which policy's entropy: deviation 10) -> A' [B, T]. For kappa > 1 the
     bonus never flips the sign of A and is 0 where A = 0. The caller applies it before policy_loss."""
     if not cfg.ent_adv_kappa > 1:
@@ -283,7 +283,7 @@ def bapo_stats(logp, old_logp, adv, mask):
     return _bapo_contributions(rho, A, mask.double())
 
 
-def bapo_pick(stats, cfg=None):
+def bapo_pick(stats):
     """(c_low, c_high) [2]: the first candidate of bapo_path() whose positive / (negative + eps)
     reaches rho_0 (no negative contribution counts as reached), else the last one. stats [K, 2]."""
     pos, neg = stats[:, 0], stats[:, 1]
@@ -297,7 +297,7 @@ def bapo_loss(rho, A, p_old, mask, cfg, bounds=None):
     """BAPO: PPO min-form with bounds (c_low, c_high) = bounds (picked by the caller for the whole
     mini-batch, bapo_pick) or, when None, searched on this call's tokens; dual clip c."""
     if bounds is None:
-        bounds = bapo_pick(_bapo_contributions(rho, A, mask), cfg)
+        bounds = bapo_pick(_bapo_contributions(rho, A, mask))
     c_low, c_high = bounds.to(rho.dtype)
     loss_t, F = _ppo_clip(rho, A, c_low, c_high, cfg.clip_c)
     return loss_t, F, {"bapo_c_low": c_low, "bapo_c_high": c_high}
@@ -317,7 +317,7 @@ LOSSES = {
 # Aggregation and the entry point
 
 
-def aggregate(loss_t, mask, agg, num_tokens=None, num_seqs=None, norm_len=0):
+def aggregate(loss_t, mask, agg, num_tokens=None, num_seqs=None, norm_len=None):
     """Scalar from per-token values [B, T] over mask. token-mean: sum / N (N = num_tokens or the
     local token count); seq-mean-token-mean: sum_i mean_t / S (S = num_seqs or B);
     seq-mean-token-sum-norm: sum_i sum_t / (S * L), L = norm_len or T."""
@@ -386,7 +386,7 @@ def policy_loss(logp, old_logp, adv, mask, cfg, ref_logp=None, bapo_bounds=None,
     p_old = torch.exp(old_logp.detach())                                   # Eq. p_old
     extra_args = {} if bapo_bounds is None else {"bounds": bapo_bounds}
     loss_t, F, extra = LOSSES[cfg.loss](rho, A, p_old, mask, cfg, **extra_args)
-    loss = aggregate(loss_t, mask, cfg.agg, num_tokens, num_seqs, norm_len or 0)
+    loss = aggregate(loss_t, mask, cfg.agg, num_tokens, num_seqs, norm_len)
     kl_ref = None
     if cfg.kl_coef > 0 and ref_logp is None:
         raise ValueError(f"kl_coef={cfg.kl_coef} > 0 needs ref_logp (reference-policy log-probs)")
@@ -394,7 +394,7 @@ def policy_loss(logp, old_logp, adv, mask, cfg, ref_logp=None, bapo_bounds=None,
         d = torch.clamp(ref_logp.detach() - logp, -LOG_RATIO_MAX, LOG_RATIO_MAX)  # log pi_ref / pi_theta; sg(pi_ref)
         kl_ref = torch.clamp(torch.exp(d) - d - 1, max=KL_MAX)           # Eq. k3 = e^d - d - 1 (deviation 11)
         if cfg.kl_coef > 0:
-            kl = aggregate(kl_ref, mask, cfg.agg, num_tokens, num_seqs, norm_len or 0)
+            kl = aggregate(kl_ref, mask, cfg.agg, num_tokens, num_seqs, norm_len)
             loss = loss + cfg.kl_coef * kl                                 # Eq. L + beta_KL * KL
     return loss, _metrics(rho.detach(), log_ratio.detach(), F, mask, extra,
                           None if kl_ref is None else kl_ref.detach())

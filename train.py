@@ -76,7 +76,7 @@ import maspo
 import rollout
 import tiny
 from cli import check
-from eval import evaluate, pass_at_k
+from eval import context_of, evaluate, scores
 from maspo import LossConfig
 
 
@@ -142,9 +142,9 @@ VERIFY_TIMEOUT = 1.0  # seconds per answer check; a timeout scores 0 (and is cou
 
 def parse_args(argv=None):
     """Config from defaults < TINY_PRESET (no --model) < --config JSON < flags, validated."""
-    settings, _ = cli.parse(Config, argv, "MASPO RLVR training (train.py)")
-    if not settings["model"]:
-        settings, _ = cli.parse(Config, argv, preset=TINY_PRESET)
+    settings, given = cli.parse(Config, argv, "MASPO RLVR training (train.py)")
+    if not settings["model"]:  # the embedded default: its preset where neither --config nor a flag set a value
+        settings.update({k: v for k, v in TINY_PRESET.items() if k not in given})
     cfg = cli.build(Config, settings)
     validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     cfg.loss = maspo.resolve(cfg.loss)  # the objective's own defaults made explicit: the logged config is what runs
@@ -235,11 +235,12 @@ def all_reduce(values, op=dist.ReduceOp.SUM):
 
 
 def reduce_sums(sums):
-    """{name: (sum, count)} summed over ranks -> {name: sum / count}; names sorted, so every rank sends
-    its values in the same order (one collective)."""
+    """{name: (sum, count)} summed over ranks -> {name: sum / count}, or the total itself where the
+    count is None; names sorted, so every rank sends its values in the same order (one collective)."""
     names = sorted(sums)
-    totals = all_reduce([sums[k][0] for k in names] + [sums[k][1] for k in names])
-    return {k: totals[i] / max(totals[len(names) + i], 1e-12) for i, k in enumerate(names)}
+    totals = all_reduce([sums[k][0] for k in names] + [sums[k][1] or 0 for k in names])
+    return {k: totals[i] if sums[k][1] is None else totals[i] / max(totals[len(names) + i], 1e-12)
+            for i, k in enumerate(names)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,9 +312,7 @@ def prepare_prompts(problems, tokenizer, style, cfg):
 
 def check_context(path, cfg):
     """prompt + response tokens must fit in the model's context (max_position_embeddings)."""
-    from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(path)
-    context = getattr(config, "max_position_embeddings", None)
+    context = context_of(path)
     need = cfg.max_prompt_tokens + cfg.max_response_tokens
     if context and need > context:
         raise SystemExit(f"error: --max-prompt-tokens {cfg.max_prompt_tokens} + --max-response-tokens "
@@ -391,11 +390,15 @@ def lr_factor(update, cfg):
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
+def step_folders(root):
+    """The step_NNNNNN folders in `root`, oldest first (a .tmp folder is an interrupted save: never listed)."""
+    return sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d+", d)) if os.path.isdir(root) else []
+
+
 def latest_checkpoint(out):
-    """The newest complete checkpoint folder (a .tmp folder is an interrupted save and never counts)."""
+    """The newest complete checkpoint folder."""
     root = os.path.join(out, "checkpoints")
-    done = sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d+", d)) if os.path.isdir(root) else []
-    done = [d for d in done if os.path.exists(os.path.join(root, d, "trainer_state.pt"))]
+    done = [d for d in step_folders(root) if os.path.exists(os.path.join(root, d, "trainer_state.pt"))]
     return os.path.join(root, done[-1]) if done else None
 
 
@@ -418,7 +421,7 @@ def save_checkpoint(cfg, step, model, optimizer, scheduler, tokenizer):
                         "rng": torch.get_rng_state(), "config": asdict(cfg)}, os.path.join(tmp, "trainer_state.pt"))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            for old in sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d+", d))[:-KEEP_CHECKPOINTS]:
+            for old in step_folders(root)[:-KEEP_CHECKPOINTS]:
                 shutil.rmtree(os.path.join(root, old), ignore_errors=True)
         except Exception as e:  # OSError, or the safetensors writer's own error on a full disk
             shutil.rmtree(tmp, ignore_errors=True)
@@ -488,10 +491,9 @@ def micro_batches(batch, rows, budget):
     first, so that similar lengths share a micro-batch and little is padding). A sequence longer than
     the budget still gets a micro-batch of its own (validate() forbids budgets below one sequence)."""
     lengths = batch["attn"][rows].sum(1)
-    order = rows[torch.argsort(lengths, descending=True, stable=True)]
+    by_length = torch.argsort(lengths, descending=True, stable=True)
     out, current, width = [], [], 0
-    for i in order.tolist():
-        n = int(batch["attn"][i].sum())
+    for i, n in zip(rows[by_length].tolist(), lengths[by_length].tolist()):
         if current and (len(current) + 1) * max(width, n) > budget:
             out.append(torch.tensor(current))
             current, width = [], 0
@@ -549,6 +551,7 @@ def update_policy(model, optimizer, scheduler, batch, cfg, world, step):
     ranks: each micro-batch's loss is normalised by the global token count (and FSDP averages
     gradients over ranks, hence / world). Returns the loss metrics, token-weighted over ranks."""
     device = next(model.parameters()).device
+    current = cfg.loss.loss == "entropy_adv" and cfg.entropy_source == "current"  # Entropy-Adv's H: this forward's
     n = batch["ids"].shape[0]  # this rank's sequences
     per_rank = cfg.mini_batch_size // world
     n_mini = int(all_reduce([math.ceil(n / per_rank)], dist.ReduceOp.MAX)[0])  # the same count on every rank
@@ -569,7 +572,6 @@ def update_policy(model, optimizer, scheduler, batch, cfg, world, step):
                     dummy_forward(model, cfg, device, backward=True)
                     continue
                 mb = micro_slice(batch, chunks[i], device)
-                current = cfg.loss.loss == "entropy_adv" and cfg.entropy_source == "current"
                 logp, H = model(mb["ids"], mb["attn"], cfg.temperature, with_entropy=current)
                 A = mb["adv"][:, None].expand_as(logp)  # (B, T-1)
                 if cfg.loss.loss == "entropy_adv":  # Entropy-Adv: A' = A + min(a sg(H), |A| / kappa)
@@ -618,7 +620,7 @@ def bapo_bounds(model, batch, chunks, n_micro, cfg, device):
         stats += maspo.bapo_stats(logp, mb["old_logp"], mb["adv"], mb["mask"]).cpu()
     model.reshard()  # no backward follows this forward (see old_logprobs)
     stats = torch.tensor(all_reduce(stats.flatten().tolist()), dtype=torch.float64).view_as(stats)  # every rank: same bounds
-    return maspo.bapo_pick(stats, cfg.loss).to(device)
+    return maspo.bapo_pick(stats).to(device)
 
 
 def finish_update_metrics(sums, extremes, norms, skipped):
@@ -647,17 +649,18 @@ def step_metrics(step, batch, rewards, timeouts, samples, loss_metrics, times, l
     flat = [s for group in samples for s in group]
     mask, zero = batch["mask"], batch["zero_signal"]
     n_tokens = float(mask.sum())
+    n_generated = sum(len(s.completion_ids) for s in flat)
     sums = {"reward": (sum(rewards), len(rewards)), "zero_signal_frac": (float(zero.sum()), len(zero)),
-            "response_len": (sum(len(s.completion_ids) for s in flat), len(flat)),
+            "response_len": (n_generated, len(flat)),
             "truncated_frac": (sum(s.finish_reason == "length" for s in flat), len(flat)),
             "entropy": (float((batch["entropy"] * mask).sum()), n_tokens),
             "logp_gap": (float(((batch["sampler_logp"] - batch["old_logp"]).abs() * mask).sum()), n_tokens),
             "adv_abs_mean": (float(batch["adv"].abs().sum()), len(batch["adv"])),
-            "kept_frac": (len(batch["adv"]), batch["n_all"]), "verify_timeouts": (timeouts, 1),
-            "tokens": (len(flat) and sum(len(s.completion_ids) for s in flat), 1)}
+            "kept_frac": (len(batch["adv"]), batch["n_all"]), "verify_timeouts": (timeouts, None),
+            "tokens": (n_generated, None)}  # None: totals over ranks, not means
     row = {"step": step, **reduce_sums(sums)}
-    row["verify_timeouts"] = int(row["verify_timeouts"] * dist.get_world_size())  # a count, not a mean
-    row["tokens_per_s"] = row.pop("tokens") * dist.get_world_size() / times["step"]
+    row["verify_timeouts"] = int(row["verify_timeouts"])
+    row["tokens_per_s"] = row.pop("tokens") / times["step"]
     return {**row, **loss_metrics, "lr": lr, **{f"t_{k}": v for k, v in times.items()}}
 
 
@@ -675,9 +678,8 @@ def held_out(sampler, tokenizer, problems, cfg, style, stop_ids, task, rank, wor
     dist.all_gather_object(everyone, mine)  # each rank scored its own shard: collect all counts
     counts = [c for part in everyone for c in part]
     k = cfg.eval_k
-    return {"acc": sum(g for g, _ in counts) / len(counts),
-            f"avg_at_{k}": sum(s for _, s in counts) / (k * len(counts)),
-            f"pass_at_{k}": sum(pass_at_k(k, s, k) for _, s in counts) / len(counts)}
+    greedy, sampled = scores([g for g, _ in counts], 1, 1), scores([s for _, s in counts], k, k)
+    return {"acc": greedy["avg"], f"avg_at_{k}": sampled["avg"], f"pass_at_{k}": sampled["pass"]}
 
 
 def dump_rollouts(cfg, step, problems, samples, rewards, how_many=4):
@@ -806,7 +808,10 @@ def train(cfg, run):
             dump_rollouts(cfg, step, batch_problems, samples, rewards)
         # ---- 9. evaluate / checkpoint
         if eval_problems and (step == cfg.steps or cfg.eval_every and step % cfg.eval_every == 0):
-            row.update(results.setdefault("after" if step == cfg.steps else step, evaluate_now()))
+            held = evaluate_now()
+            row.update(held)
+            if step == cfg.steps:
+                results["after"] = held
         log(row)
         stopping = stop.agreed()
         if step % cfg.save_every == 0 or step == cfg.steps or stopping:
@@ -816,16 +821,16 @@ def train(cfg, run):
         if stopping:
             print0(f"stopped at step {step} ({signal.Signals(int(stopping)).name}); continue with --resume")
             raise SystemExit(128 + int(stopping))
-    for when in ("before", "after") if "after" in results else ():  # the summary, when RL ran
-        if when in results:
-            print0(f"held-out {when} RL: {fmt(results[when])}")
+    if "after" in results:  # the summary, when RL ran
+        for when, held in results.items():
+            print0(f"held-out {when} RL: {fmt(held)}")
     dist.barrier()  # the last collective; then the engine may go (its teardown touches torch.distributed)
     return results
 
 
 def open_log(cfg, start, rank):
     """The metrics log: OUT/metrics.jsonl (on resume: exactly the steps the checkpoint covers), the
-    console, and wandb if asked. Returns log(row, prefix)."""
+    console, and wandb if asked; writes OUT/config.json (the effective settings). Returns log(row, prefix)."""
     path = os.path.join(cfg.out, "metrics.jsonl")
     wandb_run = None
     if rank == 0:

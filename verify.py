@@ -101,14 +101,14 @@ def extract_answer(text, fallback=False, answer_line=False):
 
 # ----------------------------------------------------------------------------------------------
 # 2. Worker processes: sympy (or Math-Verify) with a hard time limit, one pool per backend
-_POOL = {"pid": os.getpid(), "ours": [], "math_verify": [], "killed": []}
+_POOL = {"pid": os.getpid(), **{b: [] for b in BACKENDS}, "killed": []}
 _LOCK = threading.Lock()
 
 
 def _reset_after_fork():
     global _LOCK
     _LOCK = threading.Lock()
-    _POOL.update(pid=os.getpid(), ours=[], math_verify=[], killed=[])
+    _POOL.update(pid=os.getpid(), **{b: [] for b in BACKENDS}, killed=[])
 
 
 if hasattr(os, "register_at_fork"):
@@ -133,8 +133,8 @@ def _replace(pool, i, backend):
 
 def _shutdown():
     """At exit: close each worker's input (it exits on EOF); after 2 s, kill what is left."""
-    procs = [w["proc"] for w in _POOL["ours"] + _POOL["math_verify"]]
-    _POOL.update(ours=[], math_verify=[])
+    procs = [w["proc"] for b in BACKENDS for w in _POOL[b]]
+    _POOL.update({b: [] for b in BACKENDS})
     for proc in procs:
         with suppress(Exception):
             proc.stdin.close()

@@ -300,10 +300,9 @@ def test_bapo_search_by_hand():
     assert path[0] == [0.6, 1.2] and path[6] == [0.9, 1.2] and path[7] == [0.9, 1.25] and path[-1] == [0.9, 3.0]
     assert close(stats[0], [1.2, 2.52], 1e-12) and close(stats[path.index([0.9, 1.45])], [1.45, 2.82], 1e-12)
     assert close(stats[6], [1.2, 2.82], 1e-12)                           # c_low 0.9: the 0.7, 0.8 count 0.9
-    cfg = LossConfig(loss="bapo")
-    assert close(maspo.bapo_pick(stats, cfg), [0.9, 1.45], 1e-12)
+    assert close(maspo.bapo_pick(stats), [0.9, 1.45], 1e-12)
     assert official_bapo(rho, A, [1] * 4) == pytest.approx((0.9, 1.45))
-    loss, met = policy_loss(logp, old, adv, mask, cfg)                   # no bounds: searched locally
+    loss, met = policy_loss(logp, old, adv, mask, LossConfig(loss="bapo"))  # no bounds: searched locally
     loss.backward()
     assert (met["bapo_c_low"], met["bapo_c_high"]) == pytest.approx((0.9, 1.45))
     # r = 2 > 1.45 (A > 0), 0.7 and 0.8 < 0.9 (A < 0): clipped; only r = 1.02 keeps its gradient
@@ -320,7 +319,7 @@ def test_bapo_pick_equals_the_authors_search(seed, monkeypatch):
     logp, old, adv, m = bapo_inputs(rho, A, mask)
     for rho_0 in (0.5, 1.0, 2.0):
         monkeypatch.setattr(maspo, "BAPO_RHO_0", rho_0)
-        bounds = maspo.bapo_pick(maspo.bapo_stats(logp, old, adv, m), LossConfig(loss="bapo"))
+        bounds = maspo.bapo_pick(maspo.bapo_stats(logp, old, adv, m))
         assert tuple(bounds.tolist()) == pytest.approx(official_bapo(rho, A, mask, rho_0), abs=1e-9)
 
 
@@ -332,8 +331,8 @@ def test_bapo_statistics_summed_over_ranks_pick_one_pair_for_all():
     cfg = LossConfig(loss="bapo")
     s0, s1 = maspo.bapo_stats(*rank0), maspo.bapo_stats(*rank1)
     assert s0.shape == s1.shape == (len(maspo.bapo_path()), 2) and s0.dtype == D
-    assert close(maspo.bapo_pick(s0, cfg), [0.6, 1.2]) and close(maspo.bapo_pick(s1, cfg), [0.9, 3.0])
-    bounds = maspo.bapo_pick(s0 + s1, cfg)                                # all_reduce(SUM), then pick
+    assert close(maspo.bapo_pick(s0), [0.6, 1.2]) and close(maspo.bapo_pick(s1), [0.9, 3.0])
+    bounds = maspo.bapo_pick(s0 + s1)                                     # all_reduce(SUM), then pick
     assert close(bounds, [0.9, 1.45], 1e-12)
     grads_by_rank = []
     for logp, old, adv, mask in (rank0, rank1):
