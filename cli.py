@@ -147,6 +147,7 @@ def describe(obj):
 
 
 HUB_NAME = r"[\w.-]+/[\w.-]+"  # org/name
+HUB_SOURCE = HUB_NAME + r"(:[\w.-]*){0,2}"  # a hub dataset name: org/name[:config][:split]
 
 
 def check_model(flag, model):
@@ -161,4 +162,4 @@ def check_model(flag, model):
 def source_exists(source):
     """A problem source that may work: a path, "arithmetic[:split]", or a hub dataset name."""
     return bool(os.path.exists(source) or source.split(":")[0] == "arithmetic"
-                or re.fullmatch(HUB_NAME + r"(:[\w.-]*){0,2}", source))
+                or re.fullmatch(HUB_SOURCE, source))

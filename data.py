@@ -29,6 +29,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+import cli
+
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 # Field names tried in order when --prompt-key / --answer-key are not given. They cover MATH500,
@@ -38,7 +40,7 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 QUESTION_KEYS = ("problem", "question", "prompt", "query", "input")
 ANSWER_KEYS = ("answer", "final_answer", "reward_model.ground_truth", "ground_truth", "target",
                "expected_answer", "solution")
-# A prompt that asks for a last line "Answer: X" (DAPO-Math-17k: "The last line of your response
+# A chat-message prompt that asks for a last line "Answer: X" (DAPO-Math-17k: "The last line of your response
 # should be of the form Answer: $Answer ...") is graded on that line (verify.extract_answer).
 ANSWER_LINE_RE = re.compile(r"(?:form|after|with|line)\W{0,3}\"?Answer:", re.I)
 SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "eval")
@@ -124,7 +126,7 @@ def read_rows(source):
         return readers[ext](source)
     if os.path.exists(source):
         raise DataError(f"{source}: is a directory, not a problem file (.jsonl, .json or .parquet)")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]*){0,2}", source):
+    if not re.fullmatch(cli.HUB_SOURCE, source):
         raise DataError(f"{source}: no such file (and not a hub dataset name org/name[:config][:split])")
     return _read_hub(source)
 
@@ -169,8 +171,14 @@ def _read_parquet(path):
     try:
         table = pq.read_table(path).to_pylist()
     except Exception as e:  # a truncated or foreign file: say which, in one line
-        raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {first_line(e)})") from None
     return [(f"{path}[{i}]", row) for i, row in enumerate(table)]
+
+
+def first_line(error, limit=300):
+    """The first line of an exception's message (at most `limit` characters), "" if it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else ""
 
 
 def parse_hub_name(source):
@@ -178,9 +186,10 @@ def parse_hub_name(source):
     split when it looks like one (train, test, ...), else a config: "openai/gsm8k:main",
     "HuggingFaceH4/MATH-500:test"."""
     name, *rest = source.split(":")
-    if len(rest) == 1:
-        return (name, None, rest[0]) if rest[0] in SPLIT_NAMES else (name, rest[0] or None, None)
-    return name, (rest[0] or None) if rest else None, (rest[1] or None) if len(rest) > 1 else None
+    if len(rest) == 1 and rest[0] in SPLIT_NAMES:
+        rest = ["", rest[0]]
+    config, split = (rest + ["", ""])[:2]
+    return name, config or None, split or None
 
 
 def _read_hub(source):
@@ -193,8 +202,7 @@ def _read_hub(source):
     try:
         loaded = datasets.load_dataset(name, config)
     except Exception as e:  # not found, no network, a config that is needed or unknown: one line
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{source}: could not load it from the Hugging Face hub: {msg[:300]} "
+        raise DataError(f"{source}: could not load it from the Hugging Face hub: {first_line(e) or type(e).__name__} "
                         f"(name it org/name[:config][:split], or pass a local file)") from None
     splits = list(loaded)
     split = split or ("train" if "train" in splits else splits[0] if len(splits) == 1 else None)
@@ -383,18 +391,14 @@ def _split_of(question):
     return "test" if h < 2 else "train"
 
 
-def arithmetic_problems(split, n=None, seed=0):
-    """Problems of one split ("train" or "test"), shuffled by `seed`; `n` draws that many (with
-    repetition only if n exceeds the split)."""
+def arithmetic_problems(split, seed=0):
+    """Problems of one split ("train" or "test"), shuffled by `seed`."""
     if split not in ("train", "test"):
         raise DataError(f"arithmetic:{split}: the arithmetic task has the splits 'train' and 'test'")
     pool = [{"question": q, "answer": a, "where": f"arithmetic:{q}", "answer_line": False}
             for q, a in _all_arithmetic() if _split_of(q) == split]
-    rng = random.Random(seed)
-    rng.shuffle(pool)
-    if n is None or n <= len(pool):
-        return pool[:n]
-    return pool + [rng.choice(pool) for _ in range(n - len(pool))]
+    random.Random(seed).shuffle(pool)
+    return pool
 
 
 def arithmetic_completion(answer):

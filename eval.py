@@ -66,7 +66,7 @@ class EvalConfig:
     backend: str = "auto"  # sampler: auto (vLLM if importable) | vllm | hf
     dtype: str = "auto"  # sampler weights: auto = bfloat16 on GPU, float32 on CPU
     gpu_memory_utilization: float = 0.5  # share of GPU memory for vLLM
-    workers: int = 0  # verifier processes (0 = verify.py's default)
+    workers: int = 0  # verifier processes of the math task (0 = verify.py's default); other tasks ignore it
     seed: int = 0  # sampling seed (the same for every model, so runs compare on equal terms)
     plot: list = field(default_factory=list)  # run folders: draw their training curves (metrics.jsonl) instead of evaluating
 
@@ -97,23 +97,24 @@ def macro_average(per_benchmark):
 
 
 def evaluate(sampler, tokenizer, problems, k=32, temperature=0.6, top_p=0.95, max_tokens=1024,
-             style=None, seed=0, progress=True, n=None, stop_token_ids=None, reward=None):
+             style=None, seed=0, progress=True, n=None, stop_token_ids=None, reward=None, prompts=None):
     """Sample n (default k) completions per problem, score them with `reward` (default: the math
     task's) and return {"avg", "pass", "n" (problems), "k", "samples" (per problem), "truncated",
     "no_answer", "response_len", "verify_timeouts", "results": one dict per problem}. The prompt is
-    data.prompt_ids(tokenizer, problem, style); sampling stops at stop_token_ids (train.py and
+    data.prompt_ids(tokenizer, problem, style) (`prompts`: those ids, when the caller has them); sampling stops at stop_token_ids (train.py and
     run() pass data.stop_token_ids); temperature 0 is greedy."""
     import verify
     n, style, reward = n or k, style or data.PromptStyle(), reward or data.math_reward
     if not problems:  # e.g. a rank's empty shard in train.py: nothing to score
         return {"avg": float("nan"), "pass": float("nan"), "n": 0, "k": k, "samples": n, "truncated": 0.0,
                 "no_answer": 0.0, "response_len": 0.0, "verify_timeouts": 0, "results": []}
-    prompts = [data.prompt_ids(tokenizer, p, style) for p in problems]
+    prompts = prompts if prompts is not None else data.tokenize_prompts(tokenizer, problems, style)
     draws = 1 if temperature == 0 else n  # greedy: one completion per problem stands for all n (vLLM wants n = 1)
     groups = sampler.generate(prompts, n=draws, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                               seed=seed, stop_token_ids=stop_token_ids, progress=progress)
     groups = [group * (n // draws) for group in groups]  # (problems, n)
-    texts = [s.text for group in groups for s in group]  # n per problem, in problem order
+    flat = [s for group in groups for s in group]  # n per problem, in problem order
+    texts = [s.text for s in flat]
     rewards, timeouts = reward(texts, [p for p in problems for _ in range(n)])
     results = []
     for i, (p, group) in enumerate(zip(problems, groups)):
@@ -126,7 +127,6 @@ def evaluate(sampler, tokenizer, problems, k=32, temperature=0.6, top_p=0.95, ma
                         "samples": [s.text for s in group],
                         "finish_reasons": [s.finish_reason for s in group],
                         "lengths": [len(s.completion_ids) for s in group]})
-    flat = [s for group in groups for s in group]
     return {**scores([r["correct"] for r in results], n, k), "n": len(problems), "k": k, "samples": n,
             "truncated": sum(s.finish_reason == "length" for s in flat) / len(flat),
             "no_answer": sum(e is None for r in results for e in r["extracted"]) / len(flat),
@@ -219,8 +219,7 @@ def embedded_default():
     """[(label, path, training config)] of the embedded tiny model before and after `python train.py`."""
     before = os.path.join(HERE, ".cache", "tiny-arith")
     run = os.path.join(HERE, "runs", "default")
-    trained = {"model": "", "instruction": "auto", "system_prompt": "", "chat_template": True,
-               "max_response_tokens": TINY_RESPONSE_TOKENS, **run_config(run)}
+    trained = {"model": "", "max_response_tokens": TINY_RESPONSE_TOKENS, **run_config(run)}
     models = [("tiny (before RL)", before, trained)] if os.path.isdir(before) else []
     if glob.glob(os.path.join(run, "checkpoints", "step_*", "*.safetensors")):
         models.append(("tiny (after RL)", resolve_model(run), trained))
@@ -271,7 +270,7 @@ def style_for(cfg, train_cfg, task):
 
 
 def read_config(path):
-    """A model folder's config.json as a dict, None when there is none (e.g. a hub name)."""
+    """A model folder's config.json as a dict, None when there is none."""
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         return None
@@ -280,8 +279,8 @@ def read_config(path):
 
 
 def same_architecture(a, b):
-    """True when both model folders hold the same config.json up to names and versions (a hub name,
-    with no local config to compare, never matches)."""
+    """True when both model folders hold the same config.json up to names and versions (a folder
+    without one never matches)."""
     def config(path):
         cfg = read_config(path)
         return cfg and {k: v for k, v in cfg.items() if k not in ("_name_or_path", "transformers_version", "architectures")}
@@ -328,6 +327,8 @@ def run(cfg):
         models = embedded_default()
     task_name = cfg.task if cfg.task != "auto" else models[0][2].get("task", "math")
     task = data.get_task(task_name)
+    # --workers reaches the math reward only: a task's reward takes (completions, problems, timeout)
+    workers = {"workers": cfg.workers} if cfg.workers and task.reward is data.math_reward else {}
     suites = load_benchmarks(cfg, task)  # all loaded before any model: a malformed file fails fast
     max_tokens = cfg.max_tokens or next((m[2]["max_response_tokens"] for m in models if m[2].get("max_response_tokens")), 4096)
     n = cfg.n or cfg.k
@@ -340,7 +341,8 @@ def run(cfg):
     for label, path, train_cfg in models:
         tokenizer = tiny.load_tokenizer(path)
         style = style_for(cfg, train_cfg, task)
-        longest = max(len(data.prompt_ids(tokenizer, p, style)) for ps in suites.values() for p in ps)
+        prompts = {bench: data.tokenize_prompts(tokenizer, ps, style) for bench, ps in suites.items()}
+        longest = max(len(ids) for ids_of_bench in prompts.values() for ids in ids_of_bench)
         context = context_of(path)
         budget = min(max_tokens, context - longest) if context else max_tokens
         if budget < 1:
@@ -364,8 +366,8 @@ def run(cfg):
         for bench, problems in suites.items():
             details[bench] = evaluate(
                 sampler, tokenizer, problems, k=cfg.k, n=n, temperature=cfg.temperature, top_p=cfg.top_p,
-                max_tokens=budget, style=style, seed=cfg.seed, stop_token_ids=stop_ids,
-                reward=lambda texts, probs: task.reward(texts, probs, 1.0, cfg.workers or None))
+                max_tokens=budget, style=style, seed=cfg.seed, stop_token_ids=stop_ids, prompts=prompts[bench],
+                reward=lambda texts, probs: task.reward(texts, probs, 1.0, **workers))
             res = details[bench]
             print(f"{label} | {bench}: Avg@{cfg.k} {100 * res['avg']:.1f} | Pass@{cfg.k} {100 * res['pass']:.1f} | "
                   f"truncated {100 * res['truncated']:.1f}% | no answer {100 * res['no_answer']:.1f}%")

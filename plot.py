@@ -21,7 +21,7 @@ PANELS = [
     ("policy entropy (nats / token)", [("entropy", "", "-")]),
     ("response length (tokens)", [("response_len", "", "-")]),
     ("mean gate F", [("gate_mean", "", "-")]),
-    ("share of tokens gated / clipped", [("gate_low_frac", "F < 0.5", "-"), ("clip_frac", "clipped", "--")]),
+    ("share of tokens gated / clipped (F < 0.5)", [("gate_low_frac", "", "-")]),
     ("mean |rho - 1|", [("ratio_dev_mean", "", "-")]),
 ]
 

@@ -123,7 +123,7 @@ def local_model(name):
         return snapshot_download(name, allow_patterns=patterns)
     except Exception as e:  # offline, unknown name, gated model...: one line
         raise OSError(f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}: "
-                      f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); pass a local folder") from None
+                      f"{data.first_line(e, 200)}); pass a local folder") from None
 
 
 def num_parameters(model_dir) -> int:
@@ -152,7 +152,7 @@ R1_TEMPLATE = (  # DeepSeek-R1-Distill-Qwen's template, simplified: system text 
     "{{- '<｜User｜>' + message['content'] }}{%- elif message['role'] == 'assistant' %}"
     "{{- '<｜Assistant｜>' + message['content'].split('</think>')[-1] + '<｜end▁of▁sentence｜>' }}{%- endif %}"
     "{%- endfor %}{%- if add_generation_prompt %}{{- '<｜Assistant｜><think>\\n' }}{%- endif %}")
-CHAT_STYLES = {  # special tokens (in id order), bos, eos, pad, the generation_config eos list, template
+CHAT_STYLES = {  # special tokens (in id order), bos, eos, pad, the generation_config eos list, template, tied embeddings
     "qwen": dict(special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos=None, eos="<|endoftext|>",
                  pad="<|endoftext|>", gen_eos=["<|im_end|>", "<|endoftext|>"], template=QWEN_TEMPLATE, tied=True),
     "r1": dict(special=["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>",
@@ -185,17 +185,14 @@ def build_bpe_tokenizer(style, vocab_size=1024):
     return fast
 
 
-def build_chat_model(out_dir, style="qwen", hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1,
-                     max_position_embeddings=512, seed=0, **shape) -> str:
+def build_chat_model(out_dir, style="qwen", **shape) -> str:
     """The stand-in chat model (random weights) in `style` "qwen" or "r1"; returns out_dir. `shape`:
-    more build_tiny_model arguments (intermediate_size, vocab_size) for real-model shapes."""
+    build_tiny_model's size arguments (hidden_size, ..., max_position_embeddings, seed)."""
     if style not in CHAT_STYLES:
         raise ValueError(f"chat model style {style!r}: choose one of {sorted(CHAT_STYLES)}")
     tokenizer = build_bpe_tokenizer(style)
     spec = CHAT_STYLES[style]
-    return build_tiny_model(out_dir, hidden_size, num_layers, num_heads, num_kv_heads,
-                            max_position_embeddings=max_position_embeddings, seed=seed, tokenizer=tokenizer,
-                            tie_word_embeddings=spec["tied"],
+    return build_tiny_model(out_dir, tokenizer=tokenizer, tie_word_embeddings=spec["tied"],
                             eos_token_ids=tokenizer.convert_tokens_to_ids(spec["gen_eos"]), **shape)
 
 
@@ -244,13 +241,18 @@ def warm_start(path, problems, demo, steps, target, seed, lr=WARM_START_LR, styl
     end_id = tok.convert_tokens_to_ids(end) if end else tok.eos_token_id
     think = "</think>\n\n" if data.prompt_text(tok, problems[0], style).endswith("<think>\n") else ""
 
-    def encode(batch):
-        prompts = [data.prompt_ids(tok, p, style) for p in batch]
-        answers = [tok.encode(think + demo(p), add_special_tokens=False) + [end_id]
-                   for p in batch]
+    pairs = {}  # problem index -> (prompt ids, target ids), each problem tokenized once
+
+    def encode(indices):
+        for i in indices:
+            if i not in pairs:
+                p = problems[i]
+                pairs[i] = (data.prompt_ids(tok, p, style),
+                            tok.encode(think + demo(p), add_special_tokens=False) + [end_id])
+        prompts, answers = zip(*(pairs[i] for i in indices))
         return data.pad_batch(prompts, answers, tok.pad_token_id)  # (B, T), (B, T), (B, T-1)
 
-    probe_ids, probe_attn, probe_mask = encode(problems[:256])
+    probe_ids, probe_attn, probe_mask = encode(range(min(256, len(problems))))
 
     def train_accuracy():
         with torch.no_grad():
@@ -262,7 +264,7 @@ def warm_start(path, problems, demo, steps, target, seed, lr=WARM_START_LR, styl
     bar = tqdm(range(steps), desc="warm start (supervised)", disable=not rank0)
     acc = None
     for step in bar:
-        ids, attn, mask = encode([rng.choice(problems) for _ in range(batch_size)])
+        ids, attn, mask = encode([rng.choice(range(len(problems))) for _ in range(batch_size)])  # as rng.choice(problems)
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # (B, T-1, V)
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
         loss = (nll * mask).sum() / mask.sum()
@@ -285,7 +287,8 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="runs/tiny", help="output directory")
     parser.add_argument("--size", default="0.5M", choices=list(SIZES), help="size preset")
     parser.add_argument("--chat", choices=sorted(CHAT_STYLES), help="build the stand-in chat model in this style")
-    parser.add_argument("--warm-start", action="store_true", help="warm-start it on arithmetic (to 30%% train accuracy)")
+    parser.add_argument("--warm-start", action="store_true",
+                        help=f"warm-start it on arithmetic (to {WARM_START_TARGET * 100:.0f}%% train accuracy)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed")
     parser.add_argument("--context", type=int, default=512,
                         help="max_position_embeddings (e.g. 4096 to run eval.py on the benchmarks' long prompts)")

@@ -425,7 +425,7 @@ def save_checkpoint(cfg, step, model, optimizer, scheduler, tokenizer):
                 shutil.rmtree(os.path.join(root, old), ignore_errors=True)
         except Exception as e:  # OSError, or the safetensors writer's own error on a full disk
             shutil.rmtree(tmp, ignore_errors=True)
-            print0(f"checkpoint step {step} NOT saved: {type(e).__name__}: {str(e).splitlines()[0]} ({root}); "
+            print0(f"checkpoint step {step} NOT saved: {type(e).__name__}: {data.first_line(e)} ({root}); "
                    "training goes on, the previous checkpoint is intact")
             ok = 0.0
     return all_reduce([ok], dist.ReduceOp.MIN)[0] > 0  # also a barrier: nobody reads a half-written checkpoint

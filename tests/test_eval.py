@@ -381,3 +381,22 @@ def test_each_bad_setting_is_one_clear_line(flags, words, tmp_path):
 def test_the_embedded_default_response_budget_matches_train():
     import train  # eval.py cannot import train.py (train.py imports it); the constant must agree by hand
     assert ev.TINY_RESPONSE_TOKENS == train.TINY_PRESET["max_response_tokens"]
+
+
+def test_a_task_of_your_own_is_scored_by_its_reward(tmp_path, monkeypatch):
+    """--task module:NAME: eval.py loads the task's problems and calls its reward with the task
+    contract's three arguments (completions, problems, timeout), --workers or not."""
+    import tiny
+    (tmp_path / "evtask.py").write_text(
+        "import data\n"
+        "def load(source, prompt_key=None, answer_key=None, limit=None):\n"
+        "    return [{'question': f'Say {i}', 'answer': str(i), 'where': f'say:{i}'} for i in range(3)]\n"
+        "def every_answer_right(completions, problems, timeout):\n"
+        "    return [1.0] * len(completions), 0\n"
+        "TASK = data.Task(load=load, instruction='', reward=every_answer_right)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = tiny.build_tiny_model(str(tmp_path / "model"), seed=0)
+    for workers in (0, 2):
+        rows = ev.run(ev.EvalConfig(model=[model], task="evtask:TASK", benchmarks=["say"], backend="hf", k=2,
+                                    max_tokens=3, workers=workers, out=str(tmp_path / f"out{workers}")))
+        assert rows[0]["benchmarks"] == {"say": {"avg": 1.0, "pass": 1.0}}
