@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 
 import cli
@@ -96,13 +97,22 @@ def macro_average(per_benchmark):
     return {key: sum(r[key] for r in rows) / len(rows) for key in ("avg", "pass")}
 
 
+def problem_seed(seed, key):
+    """The sampling seed of one problem: a function of the run's seed and the problem's identity `key`
+    (e.g. (benchmark, row id), or a held-out problem's global index), never of its position in a shard
+    or batch, so that 1 and N processes draw the same samples for it."""
+    return zlib.crc32(json.dumps([seed, key]).encode()) & 0x7FFFFFFF
+
+
 def evaluate(sampler, tokenizer, problems, k=32, temperature=0.6, top_p=0.95, max_tokens=1024,
-             style=None, seed=0, progress=True, n=None, stop_token_ids=None, reward=None, prompts=None):
+             style=None, seed=0, progress=True, n=None, stop_token_ids=None, reward=None, prompts=None,
+             keys=None):
     """Sample n (default k) completions per problem, score them with `reward` (default: the math
     task's) and return {"avg", "pass", "n" (problems), "k", "samples" (per problem), "truncated",
     "no_answer", "response_len", "verify_timeouts", "results": one dict per problem}. The prompt is
     data.prompt_ids(tokenizer, problem, style) (`prompts`: those ids, when the caller has them); sampling stops at stop_token_ids (train.py and
-    run() pass data.stop_token_ids); temperature 0 is greedy."""
+    run() pass data.stop_token_ids); temperature 0 is greedy. `keys`: one identity per problem; each
+    problem is then seeded by problem_seed(seed, key) alone (the same samples on 1 and N processes)."""
     import verify
     n, style, reward = n or k, style or data.PromptStyle(), reward or data.math_reward
     if not problems:  # e.g. a rank's empty shard in train.py: nothing to score
@@ -111,7 +121,8 @@ def evaluate(sampler, tokenizer, problems, k=32, temperature=0.6, top_p=0.95, ma
     prompts = prompts if prompts is not None else data.tokenize_prompts(tokenizer, problems, style)
     draws = 1 if temperature == 0 else n  # greedy: one completion per problem stands for all n (vLLM wants n = 1)
     groups = sampler.generate(prompts, n=draws, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                              seed=seed, stop_token_ids=stop_token_ids, progress=progress)
+                              seed=seed if keys is None else [problem_seed(seed, key) for key in keys],
+                              stop_token_ids=stop_token_ids, progress=progress)
     groups = [group * (n // draws) for group in groups]  # (problems, n)
     flat = [s for group in groups for s in group]  # n per problem, in problem order
     texts = [s.text for s in flat]

