@@ -1,6 +1,6 @@
 """experiments/chain.py: a task whose solutions are a written chain of 60-100 tokens, for the
 laptop comparison in a regime where MASPO's mechanism has something to act on
-(experiments/chain_compare.py).
+(experiments/sweep.py).
 
 A problem: start at a two-digit number s, then add a and b in turn (one-digit, signed), n times
 (5 <= n <= 9; the running total stays two-digit). The solution writes one line per step, a countdown
@@ -17,11 +17,14 @@ designs that needed a look-up into the prompt, running sums of 7-10 different te
 0% whole chains, after 5-10 minutes of supervised training on one core.)
 
 The problems come from one seeded generator (POOL_SIZE draws, duplicates dropped) and are split
-by a hash of the question text: 20% held out ("chain:test"), 80% for training ("chain:train"),
-whatever the seed or the order. The reward is exact match of the last \\boxed{} with the reference
+by a hash of the question text: 80% for training ("chain:train"), 20% held out, whatever the seed
+or the order. A second hash splits the held-out 20% in two halves, "chain:validation" (to choose
+settings such as the learning rate) and "chain:test" (reported only; never used to choose), so a
+sweep that picks its best setting does not peek at the numbers it reports. The training split is
+the same as before the held-out part was divided (warm starts made from it are unchanged). The reward is exact match of the last \\boxed{} with the reference
 integer (verify.extract_answer reads the box; no sympy is needed to compare integers).
 
-Use it with train.py:  --task experiments.chain:TASK --train-data TRAIN.jsonl --eval-data TEST.jsonl
+Use it with train.py:  --task experiments.chain:TASK --train-data TRAIN.jsonl --eval-data VALIDATION.jsonl
 (files written by write_split: train.py checks that a data source is a file or a hub name)
 Print the split sizes and a few problems:  python experiments/chain.py
 No paper equation lives here.
@@ -40,7 +43,8 @@ import data  # noqa: E402
 
 STEPS = (5, 9)  # fewest and most steps n of a problem
 POOL_SIZE = 40000  # problems drawn by the generator (before duplicates are dropped)
-TEST_PERCENT = 20  # share held out, by hash of the question
+TEST_PERCENT = 20  # share held out, by hash of the question (half validation, half test)
+SPLITS = ("train", "validation", "test")
 QUESTION_RE = re.compile(r"(\d\d)([+-]\d)([+-]\d) x(\d)")  # our own question text (never model output)
 
 
@@ -59,26 +63,30 @@ def generate(pool_size=POOL_SIZE, seed=0):
 
 
 def split_of(question):
-    """A stable split from a hash of the question text: TEST_PERCENT percent "test", the rest "train"."""
-    return "test" if int(hashlib.sha256(question.encode()).hexdigest(), 16) % 100 < TEST_PERCENT else "train"
+    """A stable split from hashes of the question text: TEST_PERCENT percent held out, the rest
+    "train"; a second hash (of "validation:" + question, independent of the first) sends half of the
+    held-out problems to "validation", the other half to "test"."""
+    if int(hashlib.sha256(question.encode()).hexdigest(), 16) % 100 >= TEST_PERCENT:
+        return "train"
+    return "validation" if int(hashlib.sha256(f"validation:{question}".encode()).hexdigest(), 16) % 2 else "test"
 
 
 def chain_problems(split):
-    """Problems of one split ("train" or "test"), in the generator's (random) order."""
-    if split not in ("train", "test"):
-        raise data.DataError(f"chain:{split}: the chain task has the splits 'train' and 'test'")
+    """Problems of one split ("train", "validation" or "test"), in the generator's (random) order."""
+    if split not in SPLITS:
+        raise data.DataError(f"chain:{split}: the chain task has the splits 'train', 'validation' and 'test'")
     return [{"question": q, "answer": a, "where": f"chain:{q}", "answer_line": False}
             for q, a in generate() if split_of(q) == split]
 
 
 def load(source, prompt_key=None, answer_key=None, limit=None):
-    """data.Task.load: "chain:train" / "chain:test", or a file written by write_split (train.py's
+    """data.Task.load: "chain:train" / "chain:validation" / "chain:test", or a file written by write_split (train.py's
     setting check accepts only files, "arithmetic" and hub names as --train-data / --eval-data)."""
     if os.path.isfile(source):
         return data.load_problems(source, prompt_key, answer_key, limit)
     name, _, split = source.partition(":")
     if name != "chain":
-        raise data.DataError(f"{source}: the chain task reads 'chain:train', 'chain:test' or a JSONL file")
+        raise data.DataError(f"{source}: the chain task reads 'chain:train', 'chain:validation', 'chain:test' or a JSONL file")
     return chain_problems(split or "train")[:limit]
 
 
@@ -112,9 +120,9 @@ TASK = data.Task(load=load, instruction="", reward=reward, demo=demo)
 
 
 if __name__ == "__main__":
-    train, test = chain_problems("train"), chain_problems("test")
+    train, validation, test = (chain_problems(split) for split in SPLITS)
     lengths = sorted(len(demo(p)) for p in train)
-    print(f"{len(train)} train, {len(test)} test problems; solutions {lengths[0]}-{lengths[-1]} tokens "
+    print(f"{len(train)} train, {len(validation)} validation, {len(test)} test problems; solutions {lengths[0]}-{lengths[-1]} tokens "
           f"(median {lengths[len(lengths) // 2]})")
     for p in train[:2]:
         print(f"\nQ: {p['question']}\nA: {demo(p)}")

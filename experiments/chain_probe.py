@@ -2,7 +2,7 @@
 
 train.py logs per-step means (ratio_dev_mean, ratio_dev_frac, gate_low_frac, m_mean); this probe
 records the per-token values behind them. It runs train.py in-process, with the comparison's exact
-settings (experiments/chain_compare.py: SHARED, seed 0's warm start), for a few RL steps per method,
+settings (experiments/sweep.py: CHAIN at lr 1e-4, seed 0's warm start), for a few RL steps per method,
 and wraps maspo.policy_loss so that every call of the update (every micro-batch of every
 mini-batch, both epochs) also records, for each response token, p_old = pi_old(token), the ratio
 rho = pi_theta / pi_old it is updated at, and the sign of its advantage A. Nothing of train.py changes.
@@ -11,7 +11,7 @@ Writes OUT/probe.json (shares: p_old < 0.1, |rho - 1| > 0.2, both; per method) a
 OUT/probe_hist.png (histograms of p_old and of |rho - 1|, GRPO vs MASPO, with MASPO's gate
 F < 0.5 threshold at p_old = 1 and 0.01 marked). The raw values go to OUT/runs/probe/ (git-ignored).
 
-Run (it builds seed 0's warm start OUT/runs/warm_s0 unless chain_compare.py has):
+Run (it builds seed 0's warm start OUT/runs/warm_s0 unless a sweep into OUT has):
     python experiments/chain_probe.py --steps 10
 """
 import argparse
@@ -23,9 +23,11 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from experiments import chain_compare  # noqa: E402
+from experiments import sweep  # noqa: E402
 
 PROBED = ("GRPO", "MASPO")
+FLAGS = {"GRPO": ["--loss", "grpo"], "MASPO": ["--loss", "maspo"]}
+LR = "1e-4"  # the lr of the probe in the README (MASPO's and GRPO's lr in the sweep's middle column)
 LOW_P, FAR = 0.1, 0.2  # thresholds of the report: p_old < 0.1, |rho - 1| > 0.2
 
 
@@ -47,8 +49,10 @@ def record(out, method, steps):
         return inner(logp, old_logp, adv, mask, cfg, **kw)
     maspo.policy_loss = recording_loss  # train.update_policy calls maspo.policy_loss(...)
     folder = os.path.join(out, "runs", "probe", method)
-    args = ["--model", chain_compare.warm_path(out, 0), *chain_compare.METHODS[method], *chain_compare.SHARED,
-            *chain_compare.data_flags(out), "--seed", "0", "--steps", str(steps), "--eval-every", "0", "--eval-limit", "8", "--out", folder]
+    files = sweep.data_files(os.path.join(out, "runs"))
+    args = ["--model", sweep.warm_path(os.path.join(out, "runs"), 0), *FLAGS[method], *sweep.CHAIN, "--lr", LR, "--train-data", files["train"],
+            "--eval-data", files["validation"], "--seed", "0", "--steps", str(steps), "--eval-every", "0",
+            "--eval-limit", "8", "--out", folder]
     if os.path.exists(os.path.join(folder, "metrics.jsonl")):
         import shutil
         shutil.rmtree(folder)  # a probe is cheap: always a fresh run
@@ -114,8 +118,8 @@ def main():
         return
     import torch
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    chain_compare.warm_start(args.out, 0)
-    chain_compare.data_flags(args.out)  # the data files, written here once before both runs read them
+    sweep.warm_start(os.path.join(args.out, "runs"), 0, sweep.warm_recipe(0))
+    sweep.data_files(os.path.join(args.out, "runs"))  # the data files, written here once before both runs read them
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--out", args.out, "--steps", str(args.steps),
                                "--record", m], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True) for m in PROBED]  # both at once, one thread each
