@@ -114,7 +114,7 @@ def test_table_pairs_by_seed(tmp_path):
     """MASPO vs GRPO on test per seed: (0.40 - 0.30, 0.45 - 0.50, 0.20 - 0.20) = (+10, -5, 0) points:
     mean 1.7, sample std sqrt(((10 - 5/3)^2 + (-5 - 5/3)^2 + (5/3)^2) / 2) = 7.6, 2 of 3 seeds >= 0
     (the tie counts). MASPO's runs are listed in another seed order than GRPO's. Bug caught: pairing by
-    list position, which gives (+20, -10, -5): 1.7 +- 16.1 (1/3)."""
+    list position, which gives (0.20 - 0.30, 0.40 - 0.50, 0.45 - 0.20) = (-10, -10, +25): 1.7 +- 20.2 (1/3)."""
     grpo, maspo = {0: 0.30, 1: 0.50, 2: 0.20}, {2: 0.20, 0: 0.40, 1: 0.45}
     results = {f"loss={name} lr=1e-4": [sweep.summarize(recorded_run(str(tmp_path / f"{name}{s}"), 0.25, avg), s)
                                         for s, avg in runs.items()] for name, runs in (("grpo", grpo), ("maspo", maspo))}
@@ -201,28 +201,33 @@ def test_sweep_end_to_end_with_standin_for_train_eval_and_warm_start(tmp_path, m
 
 
 def test_frozen_code_is_the_commit(tmp_path):
-    """OUT/runs/code/train.py is train.py as committed at --code (not the working tree's), with this
-    driver and chain.py beside it; a second call keeps it; another commit is refused."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    if head.returncode != 0:
-        pytest.skip("not a git checkout")
-    code, commit = sweep.snapshot_code(str(tmp_path), "HEAD")
-    assert commit == head.stdout.strip()
-    committed = subprocess.run(["git", "show", "HEAD:train.py"], cwd=ROOT, capture_output=True, check=True).stdout
-    assert open(os.path.join(code, "train.py"), "rb").read() == committed
+    """OUT/runs/code/train.py is train.py as committed at --code, not the working tree's: the commit
+    before train.py's last change is frozen, and its train.py differs from today's. This driver and
+    chain.py sit beside it; a second call keeps it; another commit is refused.
+    Bug caught: copying the working tree's train.py (every run would train with today's code)."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)  # noqa: E731
+    last = git("rev-list", "-n", "1", "HEAD", "--", "train.py").stdout.strip()
+    old = git("rev-parse", f"{last}~1").stdout.strip() if last else ""
+    if not old or git("cat-file", "-e", f"{old}:train.py").returncode != 0:
+        pytest.skip("needs a git checkout with an earlier train.py")
+    code, commit = sweep.snapshot_code(str(tmp_path), old)
+    assert commit == old
+    committed = subprocess.run(["git", "show", f"{old}:train.py"], cwd=ROOT, capture_output=True, check=True).stdout
+    frozen = open(os.path.join(code, "train.py"), "rb").read()
+    assert frozen == committed and frozen != open(os.path.join(ROOT, "train.py"), "rb").read()
     assert os.path.isfile(os.path.join(code, "experiments", "sweep.py"))
     assert os.path.isfile(os.path.join(code, "experiments", "chain.py"))
-    assert sweep.snapshot_code(str(tmp_path), "HEAD") == (code, commit)
-    parent = subprocess.run(["git", "rev-parse", "HEAD~1"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    if parent:
-        with pytest.raises(SystemExit, match="holds the code of"):
-            sweep.snapshot_code(str(tmp_path), parent)
+    assert sweep.snapshot_code(str(tmp_path), old) == (code, commit)
+    with pytest.raises(SystemExit, match="holds the code of"):
+        sweep.snapshot_code(str(tmp_path), last)
 
 
 def test_chain_task():
     """The solution of "59+5-8 x7": 59 +5 -8 +5 -8 +5 -8 +5 = 55 in 7 lines, boxed; the reward reads the
-    last box only; train / validation / test are disjoint and stable, 80 / 10 / 10 percent.
-    Bug caught: validation and test overlapping (a second hash that is the first one again)."""
+    last box only; train / validation / test are disjoint and stable, 80 / 10 / 10 percent, and the
+    training split is the one of the first hash alone (the warm starts made before the held-out part
+    was divided stay valid). Bug caught: the second hash applied before the first (validation then
+    takes half of the old training split)."""
     p = {"question": "59+5-8 x7", "answer": "55"}
     solution = chain.demo(p)
     assert solution == "7:59+5=64\n6:64-8=56\n5:56+5=61\n4:61-8=53\n3:53+5=58\n2:58-8=50\n1:50+5=55\n\\boxed{55}"
@@ -234,6 +239,8 @@ def test_chain_task():
     total = sum(len(q) for q in questions.values())
     assert not questions["train"] & questions["validation"] and not questions["train"] & questions["test"]
     assert not questions["validation"] & questions["test"]
+    first = lambda q: int(chain.hashlib.sha256(q.encode()).hexdigest(), 16) % 100 >= chain.TEST_PERCENT  # noqa: E731
+    assert questions["train"] == {q for q, _ in chain.generate() if first(q)}
     assert 0.08 < len(questions["validation"]) / total < 0.12 and 0.08 < len(questions["test"]) / total < 0.12
     assert all(chain.split_of(q["question"]) == "validation" for q in splits["validation"][:50])
     assert all(chain.reward([chain.demo(q)], [q])[0] == [1.0] for q in splits["test"][:200])
