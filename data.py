@@ -269,6 +269,13 @@ def dedupe(problems):
     return unique, len(problems) - len(unique)
 
 
+def pad_id(tokenizer):
+    """The id that pads batches: the tokenizer's pad token, or its EOS when it has none (the Llama 3 family
+    ships no pad token; the HF sampler falls back the same way). Padded positions are masked out of the
+    attention and the loss, so which id fills them changes nothing."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def pad_batch(prompts, completions, pad_id):
     """Right-padded prompt + completion ids (B, T), their attention mask (B, T), and the response mask
     (B, T-1): mask[b, t] = 1 where token t+1 is a completion token (whose log-prob the loss uses)."""

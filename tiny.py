@@ -6,12 +6,14 @@
    synthetic arithmetic task (cached in .cache/tiny-arith), which is what `python train.py` trains.
 2. A realistic stand-in chat model, for running the real-model path on a laptop: the same Qwen2
    architecture with a byte-level BPE tokenizer trained here with `tokenizers`, special tokens and a
-   chat template in one of two styles, and a small context (max_position_embeddings):
+   chat template in one of three styles, and a small context (max_position_embeddings):
      "qwen"  Qwen2.5-Instruct's <|im_start|> / <|im_end|> turns with its default system prompt;
              tokenizer EOS <|endoftext|>, generation_config.json eos_token_id [<|im_end|>,
              <|endoftext|>]: the turn ends at a token that is NOT the tokenizer's EOS.
      "r1"    DeepSeek-R1-Distill-Qwen's <｜User｜> / <｜Assistant｜> turns, whose generation prompt
              opens a <think> block (the paper's base models); EOS <｜end▁of▁sentence｜>.
+     "llama3" Llama-3-Instruct's <|start_header_id|> ... <|eot_id|> turns, and NO pad token, as the
+             Llama 3 family ships (batches are padded with EOS: data.pad_id).
    Its weights are random unless warm-started (`--warm-start`), like the tiny model, on arithmetic.
 No paper equation lives here.
 
@@ -152,12 +154,19 @@ R1_TEMPLATE = (  # DeepSeek-R1-Distill-Qwen's template, simplified: system text 
     "{{- '<｜User｜>' + message['content'] }}{%- elif message['role'] == 'assistant' %}"
     "{{- '<｜Assistant｜>' + message['content'].split('</think>')[-1] + '<｜end▁of▁sentence｜>' }}{%- endif %}"
     "{%- endfor %}{%- if add_generation_prompt %}{{- '<｜Assistant｜><think>\\n' }}{%- endif %}")
+LLAMA3_TEMPLATE = (  # Llama-3-Instruct's template: header-delimited turns, each closed by <|eot_id|>
+    "{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
 CHAT_STYLES = {  # special tokens (in id order), bos, eos, pad, the generation_config eos list, template, tied embeddings
     "qwen": dict(special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos=None, eos="<|endoftext|>",
                  pad="<|endoftext|>", gen_eos=["<|im_end|>", "<|endoftext|>"], template=QWEN_TEMPLATE, tied=True),
     "r1": dict(special=["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>",
                         "</think>"], bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>",
                pad="<｜end▁of▁sentence｜>", gen_eos=["<｜end▁of▁sentence｜>"], template=R1_TEMPLATE, tied=False),
+    "llama3": dict(special=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                            "<|eot_id|>"], bos="<|begin_of_text|>", eos="<|eot_id|>", pad=None,
+                   gen_eos=["<|end_of_text|>", "<|eot_id|>"], template=LLAMA3_TEMPLATE, tied=False),
 }
 # Qwen2's pre-tokenizer: single digits, words with one leading non-letter, punctuation runs, spaces
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -186,7 +195,7 @@ def build_bpe_tokenizer(style, vocab_size=1024):
 
 
 def build_chat_model(out_dir, style="qwen", **shape) -> str:
-    """The stand-in chat model (random weights) in `style` "qwen" or "r1"; returns out_dir. `shape`:
+    """The stand-in chat model (random weights) in `style` "qwen", "r1" or "llama3"; returns out_dir. `shape`:
     build_tiny_model's size arguments (hidden_size, ..., max_position_embeddings, seed)."""
     if style not in CHAT_STYLES:
         raise ValueError(f"chat model style {style!r}: choose one of {sorted(CHAT_STYLES)}")
@@ -250,7 +259,7 @@ def warm_start(path, problems, demo, steps, target, seed, lr=WARM_START_LR, styl
                 pairs[i] = (data.prompt_ids(tok, p, style),
                             tok.encode(think + demo(p), add_special_tokens=False) + [end_id])
         prompts, answers = zip(*(pairs[i] for i in indices))
-        return data.pad_batch(prompts, answers, tok.pad_token_id)  # (B, T), (B, T), (B, T-1)
+        return data.pad_batch(prompts, answers, data.pad_id(tok))  # (B, T), (B, T), (B, T-1)
 
     probe_ids, probe_attn, probe_mask = encode(range(min(256, len(problems))))
 

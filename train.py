@@ -1,13 +1,18 @@
 """train.py: the whole RLVR loop with the MASPO objective (arXiv 2602.17550), FSDP2-sharded.
 
 One step = one rollout batch, as numbered stages in `train()`:
-  1. pick prompts    this rank's shard of `prompts_per_step` problems
+  1. pick prompts    this rank's shard of `prompts_per_step` problems (one shuffle per epoch of the data)
   2. sample          G completions each with the colocated sampler (rollout.py: vLLM, or HF generate),
                      stopping at the end of the assistant's turn (data.stop_token_ids)
   3. verify          reward R in {0, 1} per completion (the task's reward, data.py: verify.py, in parallel)
+                     --drop-zero-signal (DAPO's dynamic sampling, verl's filter_groups): stages 1-3 run
+                     again on other prompts until the step holds prompts_per_step groups whose rewards
+                     differ (at most --max-sampling-rounds rounds), so the number of updates is fixed
   4. advantages      A_i = (R_i - mean R) / (std R + eps) per group (maspo.group_advantages)
   5. old log-probs   log pi_old of every response token at the sampling temperature, from the training
-                     model without grad (logprobs.hidden_logprobs: no [B, T, V] logits are ever held)
+                     model without grad (logprobs.hidden_logprobs: no [B, T, V] logits are ever held);
+                     skipped with one epoch of one mini-batch, where the update's own forward, detached,
+                     is pi_old (rho = 1 exactly), as in verl and TRL
   6. update          epochs x shuffled mini-batches of the policy loss (maspo.policy_loss), each one
                      optimizer update, accumulated over micro-batches of at most `micro_batch_tokens`
                      tokens. Several updates per rollout batch is the default on purpose: with ONE,
@@ -63,6 +68,7 @@ import time
 import traceback
 import types
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -106,12 +112,14 @@ class Config:
     max_prompt_tokens: int = 1024  # longer prompts are dropped from the training data (and counted)
     max_response_tokens: int = 4096  # sampling budget per completion
     temperature: float = 1.0  # T: sampling temperature; log-probs are of softmax(logits / T)
-    drop_zero_signal: bool = False  # DAPO dynamic sampling: drop all-equal-reward groups before the update
+    drop_zero_signal: bool = False  # DAPO dynamic sampling: sample more rounds until the step holds prompts_per_step groups with signal (all-equal-reward groups dropped)
+    max_sampling_rounds: int = 10  # cap on those rounds per step (then the step trains on the groups it has, logged)
     entropy_source: str = "old"  # H of Entropy-Adv: old = pi_old's (stage 5) | current = the updating policy's
     # --- evaluation, checkpoints, logging
     eval_every: int = 50  # held-out evaluation every N steps (0 = only before and after)
     eval_k: int = 4  # samples per held-out problem for Avg@k / Pass@k
     eval_temperature: float = 0.6  # sampling temperature of the held-out Avg@k (greedy accuracy is also logged)
+    eval_top_p: float = 0.95  # nucleus sampling of the held-out Avg@k (eval.py's default)
     eval_limit: int = 0  # use at most N held-out problems (0 = all)
     save_every: int = 50  # checkpoint every N steps (and at the end)
     out: str = "runs/default"  # output folder: config.json, metrics.jsonl, rollouts/, checkpoints/
@@ -179,7 +187,8 @@ def validate(cfg, world):
           f"must be a multiple of the number of processes ({world})")
     check(rollout_batch % cfg.mini_batch_size == 0, "mini_batch_size", cfg.mini_batch_size,
           f"must divide the rollout batch ({cfg.prompts_per_step} prompts x G {cfg.group_size} = {rollout_batch})")
-    for name in ("epochs", "max_prompt_tokens", "max_response_tokens", "save_every", "eval_k", "warm_start_steps"):
+    for name in ("epochs", "max_prompt_tokens", "max_response_tokens", "save_every", "eval_k", "warm_start_steps",
+                 "max_sampling_rounds"):
         check(getattr(cfg, name) >= 1, name, getattr(cfg, name), "must be >= 1")
     for name in ("warmup_steps", "eval_every", "eval_limit", "weight_decay", "eval_temperature"):
         check(getattr(cfg, name) >= 0, name, getattr(cfg, name), "must be >= 0")
@@ -187,6 +196,7 @@ def validate(cfg, world):
           cfg.micro_batch_tokens, f"must hold one whole sequence: >= --max-prompt-tokens + --max-response-tokens "
           f"= {cfg.max_prompt_tokens + cfg.max_response_tokens}")
     check(cfg.lr > 0, "lr", cfg.lr, "must be > 0")
+    check(0 < cfg.eval_top_p <= 1, "eval_top_p", cfg.eval_top_p, "must be in (0, 1]")
     check(cfg.grad_clip > 0, "grad_clip", cfg.grad_clip, "must be > 0")
     check(cfg.temperature > 0, "temperature", cfg.temperature, "training samples at T > 0 (T = 0 would be greedy)")
     check(cfg.entropy_source in ("old", "current"), "entropy_source", cfg.entropy_source, "choose old or current")
@@ -275,6 +285,7 @@ def load_data(cfg, task, embedded):
     except data.DataError as e:
         raise SystemExit(f"data error: {e}") from None
     train, duplicates = data.dedupe(train)
+    check_enough_problems(train, cfg)
     unreadable = data.unreadable_answers(train)
     print0(f"train problems: {len(train)} ({duplicates} duplicate rows dropped, {unreadable} answers the verifier "
            f"cannot read: always rewarded 0); held-out problems: {len(held)}")
@@ -363,6 +374,12 @@ def load_policy(path, cfg, device, forward=None):
     return model
 
 
+def load_reference(path, cfg, device):
+    """The frozen reference policy pi_ref of the KL term, sharded as the policy, in eval mode (from_config
+    leaves a model in train mode: dropout, where its config has any, would make pi_ref random)."""
+    return load_policy(path, cfg, device).eval()
+
+
 def policy_forward(self, input_ids, attention_mask, temperature, with_entropy=False):
     """The policy's forward inside FSDP's root forward: token log-probs of the next token at temperature
     T (B, T-1) and optionally the entropy H_t (B, T-1). lm_head is applied chunk by chunk by
@@ -443,47 +460,61 @@ def load_trainer_state(ckpt, model, optimizer, scheduler):
 
 # ----------------------------------------------------------------------------------------------
 # Stages 1-5: prompts, samples, rewards, the batch, old log-probs
-def step_seed(cfg, step, rank=0, stage=0):
-    """The seed of one random choice of one step: a function of (seed, step, rank), so that a resumed
-    run makes exactly the choices of an uninterrupted one."""
-    return (cfg.seed * 1_000_003 + step * 7919 + rank * 101 + stage) % 2**31
+def step_seed(cfg, step, rank=0, stage=0, rnd=0):
+    """The seed of one random choice of one step: a function of (seed, step, rank, sampling round),
+    so that a resumed run makes exactly the choices of an uninterrupted one."""
+    return (cfg.seed * 1_000_003 + step * 7919 + rank * 101 + stage + rnd * 104_729) % 2**31
 
 
-def pick_prompts(problems, step, cfg, rank, world):
-    """Stage 1: the prompts of `step` for this rank: a fixed shuffle per pass over the data, so the
-    data position is a function of the step (resume-safe)."""
-    per_rank = cfg.prompts_per_step // world
-    start = (step - 1) * cfg.prompts_per_step + rank * per_rank
-    chosen, orders = [], {}
-    for i in range(start, start + per_rank):
-        epoch, pos = divmod(i, len(problems))
-        if epoch not in orders:
-            orders[epoch] = list(range(len(problems)))
-            random.Random(cfg.seed * 1_000_003 + epoch).shuffle(orders[epoch])
-        chosen.append(problems[orders[epoch][pos]])
-    return chosen
+def check_enough_problems(problems, cfg):
+    """A step draws prompts_per_step distinct problems: the data must hold that many."""
+    if len(problems) < cfg.prompts_per_step:
+        raise cli.SettingError(f"error: --prompts-per-step {cfg.prompts_per_step} > the {len(problems)} usable "
+                               "training problems: lower it, or give more problems (--train-data)")
 
 
-def build_batch(samples, rewards, cfg, pad_id):
-    """Stage 4: the rollout batch as tensors: ids / attn (B, T), mask (B, T-1) of response tokens,
-    the advantage A (B,) of each sequence, the sampler's log-probs (B, T-1); zero-signal groups
-    dropped first when --drop-zero-signal (B may then be 0 on this rank)."""
-    R = torch.tensor(rewards, dtype=torch.float32)  # (P*G,)
-    A = maspo.group_advantages(R, cfg.group_size)  # (P*G,)  Eq. A_i
-    zero_signal = R.view(-1, cfg.group_size).std(1, unbiased=False) == 0  # (P,) all-equal groups
-    keep = (~zero_signal).repeat_interleave(cfg.group_size) if cfg.drop_zero_signal else torch.ones_like(R, dtype=torch.bool)
-    flat = [s for group in samples for s in group]
-    kept = [s for s, k in zip(flat, keep) if k]
+def pick_prompts(problems, step, cfg, rank, world, rnd=0):
+    """Stage 1: this rank's prompts of `step`, a function of (seed, step, rank, round) (resume-safe).
+    Round 0: the step's slice of its epoch's shuffle; an epoch is len // prompts_per_step steps (the
+    remainder is dropped), so a step never straddles two shuffles and never holds a prompt twice.
+    Later rounds (dynamic sampling) draw from the problems outside that slice, shuffled per step,
+    each round the next prompts_per_step of them: still no prompt twice in a step (fewer, then none,
+    once they run out)."""
+    P, per_rank = cfg.prompts_per_step, cfg.prompts_per_step // world
+    epoch, slot = divmod(step - 1, len(problems) // P)
+    order = list(range(len(problems)))
+    random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
+    if rnd == 0:
+        chosen = order[slot * P + rank * per_rank:slot * P + (rank + 1) * per_rank]
+    else:
+        rest = order[:slot * P] + order[(slot + 1) * P:]  # the problems round 0 did not draw
+        random.Random(step_seed(cfg, step, stage=1)).shuffle(rest)
+        start = ((rnd - 1) * world + rank) * per_rank
+        chosen = rest[start:start + per_rank]
+    return [problems[i] for i in chosen]
+
+
+def has_signal(rewards):
+    """A group's rewards differ (else every A of the group is 0: a zero-signal group)."""
+    return max(rewards) > min(rewards)
+
+
+def build_batch(groups, cfg, pad_id):
+    """Stage 4: the groups (problem, G samples, G rewards) to train on as tensors: ids / attn (B, T),
+    mask (B, T-1) of response tokens, the advantage A (B,) of each sequence, the sampler's log-probs
+    (B, T-1). B may be 0 on a rank (dynamic sampling that hit its cap with no group kept)."""
+    R = torch.tensor([r for _, _, rewards in groups for r in rewards], dtype=torch.float32)  # (P*G,)
+    A = maspo.group_advantages(R, cfg.group_size) if groups else R  # (P*G,)  Eq. A_i
+    kept = [s for _, samples, _ in groups for s in samples]
     if kept:
         ids, attn, mask = data.pad_batch([s.prompt_ids for s in kept], [s.completion_ids for s in kept], pad_id)
-    else:  # everything dropped on this rank: an empty batch (update_policy keeps the ranks in step)
+    else:  # nothing kept on this rank: an empty batch (update_policy keeps the ranks in step)
         ids, attn, mask = torch.zeros((0, 2), dtype=torch.long), torch.zeros((0, 2), dtype=torch.long), torch.zeros((0, 1))
     sampler_logp = torch.zeros_like(mask)
     for b, s in enumerate(kept):
         first = len(s.prompt_ids) - 1
         sampler_logp[b, first:first + len(s.logprobs)] = torch.tensor(s.logprobs)
-    return {"ids": ids, "attn": attn, "mask": mask, "adv": A[keep], "sampler_logp": sampler_logp,
-            "zero_signal": zero_signal, "n_all": len(flat)}
+    return {"ids": ids, "attn": attn, "mask": mask, "adv": A, "sampler_logp": sampler_logp}
 
 
 def micro_batches(batch, rows, budget):
@@ -509,10 +540,20 @@ def micro_slice(batch, idx, device):
             for k, v in batch.items() if torch.is_tensor(v) and v.shape[:1] == batch["ids"].shape[:1]}
 
 
+def free_old_logprobs(cfg):
+    """Whether pi_old comes free: with one epoch of one mini-batch (the whole rollout batch) the update's
+    forward runs on the weights that sampled, so pi_old is its own log-probs, detached (rho = 1
+    exactly, as verl and TRL do), and stage 5 is skipped. Not for BAPO: its bound search needs pi_old
+    before the update's forward."""
+    return cfg.epochs == 1 and cfg.mini_batch_size == cfg.prompts_per_step * cfg.group_size and cfg.loss.loss != "bapo"
+
+
 @torch.no_grad()
 def old_logprobs(model, batch, cfg, key="old_logp"):
     """Stage 5: log pi_old of the response tokens at temperature T from the training model, no grad
-    (plus the entropy H, for the logs and Entropy-Adv); micro-batches as in the update."""
+    (plus the entropy H, for the logs and Entropy-Adv). Micro-batches of at most micro_batch_tokens
+    over the whole rollout batch: not the update's (B, T) shapes, so in bf16 rho = 1 + noise before
+    the first update."""
     n, width = batch["mask"].shape
     device = next(model.parameters()).device
     batch[key] = torch.zeros(n, width)
@@ -549,14 +590,19 @@ def update_policy(model, optimizer, scheduler, batch, cfg, world, step):
     """Stage 6: epochs x shuffled mini-batches; each mini-batch is one optimizer update, its gradient
     accumulated over micro-batches. The loss is ONE token-mean over the whole mini-batch across all
     ranks: each micro-batch's loss is normalised by the global token count (and FSDP averages
-    gradients over ranks, hence / world). Returns the loss metrics, token-weighted over ranks."""
+    gradients over ranks, hence / world). When pi_old is free (free_old_logprobs) it is this forward's
+    log-probs, detached, written into batch["old_logp"] (and H into batch["entropy"]) for the logs.
+    Returns the loss metrics, token-weighted over ranks, and the lr the last update used."""
     device = next(model.parameters()).device
-    current = cfg.loss.loss == "entropy_adv" and cfg.entropy_source == "current"  # Entropy-Adv's H: this forward's
+    free = free_old_logprobs(cfg)
+    current = cfg.loss.loss == "entropy_adv" and (cfg.entropy_source == "current" or free)  # H: this forward's
     n = batch["ids"].shape[0]  # this rank's sequences
+    if free:
+        batch["old_logp"], batch["entropy"] = torch.zeros_like(batch["mask"]), torch.zeros_like(batch["mask"])
     per_rank = cfg.mini_batch_size // world
     n_mini = int(all_reduce([math.ceil(n / per_rank)], dist.ReduceOp.MAX)[0])  # the same count on every rank
     generator = torch.Generator().manual_seed(step_seed(cfg, step, dist.get_rank(), stage=6))
-    sums, extremes, skipped, norms = {}, {}, 0, []
+    sums, extremes, skipped, norms, lr = {}, {}, 0, [], scheduler.get_last_lr()[0]
     for _ in range(cfg.epochs):
         perm = torch.randperm(n, generator=generator)
         for j in range(n_mini):
@@ -571,8 +617,13 @@ def update_policy(model, optimizer, scheduler, batch, cfg, world, step):
                 if i >= len(chunks):
                     dummy_forward(model, cfg, device, backward=True)
                     continue
-                mb = micro_slice(batch, chunks[i], device)
-                logp, H = model(mb["ids"], mb["attn"], cfg.temperature, with_entropy=current)
+                idx = chunks[i]
+                mb = micro_slice(batch, idx, device)
+                logp, H = model(mb["ids"], mb["attn"], cfg.temperature, with_entropy=current or free)
+                if free:  # pi_old = these very log-probs; sg: pi_old is data (rho = 1 exactly)
+                    mb["old_logp"], mb["entropy"] = logp.detach(), H.detach()
+                    batch["old_logp"][idx, :logp.shape[1]] = logp.detach().float().cpu()
+                    batch["entropy"][idx, :H.shape[1]] = H.detach().float().cpu()
                 A = mb["adv"][:, None].expand_as(logp)  # (B, T-1)
                 if cfg.loss.loss == "entropy_adv":  # Entropy-Adv: A' = A + min(a sg(H), |A| / kappa)
                     A = maspo.entropy_advantage(A, (H if current else mb["entropy"]).detach(), cfg.loss)
@@ -581,14 +632,10 @@ def update_policy(model, optimizer, scheduler, batch, cfg, world, step):
                                                   num_tokens=tokens / world, num_seqs=seqs / world,
                                                   norm_len=cfg.max_response_tokens)  # Dr. GRPO's L: the budget
                 loss.backward()
-                weight = float(mb["mask"].sum())
-                for k, v in metrics.items():
-                    if k.endswith(("_min", "_max")):
-                        pick = min if k.endswith("_min") else max
-                        extremes[k] = pick(extremes.get(k, v), v)
-                    else:
-                        s = sums.get(k, (0.0, 0.0))
-                        sums[k] = (s[0] + v * weight, s[1] + weight)
+                signal = mb["mask"] * (mb["adv"] != 0)[:, None]  # (B, T-1): response tokens with A != 0
+                accumulate(sums, extremes, metrics, float(mb["mask"].sum()))
+                accumulate(sums, extremes, signal_metrics(logp, mb["old_logp"], A, signal, cfg.loss, bounds),
+                           float(signal.sum()))
             params = [p for p in model.parameters() if p.grad is not None]
             total = torch.nn.utils.get_total_norm([p.grad for p in params])  # global over shards
             grad_norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
@@ -601,8 +648,34 @@ def update_policy(model, optimizer, scheduler, batch, cfg, world, step):
                 skipped += 1
             model.zero_grad(set_to_none=True)  # not optimizer.zero_grad: with FSDP2 (torch 2.13) only this
             # cleared NaN gradients for the next update (tests/test_train.py::test_nan_loss_skips_the_update)
+            lr = scheduler.get_last_lr()[0]  # the lr this update used, read before the scheduler moves on
             scheduler.step()
-    return finish_update_metrics(sums, extremes, norms, skipped)
+    return {**finish_update_metrics(sums, extremes, norms, skipped), "lr": lr}
+
+
+def accumulate(sums, extremes, metrics, weight):
+    """Add one micro-batch's metrics: (sum, weight) pairs for means, running min / max for extremes."""
+    for k, v in metrics.items():
+        if k.endswith(("_min", "_max")):
+            extremes[k] = (min if k.endswith("_min") else max)(extremes.get(k, v), v)
+        else:
+            s = sums.get(k, (0.0, 0.0))
+            sums[k] = (s[0] + v * weight, s[1] + weight)
+
+
+SIGNAL_METRICS = ("gate_mean", "gate_low_frac", "ratio_dev_mean", "ratio_dev_frac", "approx_kl")
+
+
+@torch.no_grad()
+def signal_metrics(logp, old_logp, A, signal, loss_cfg, bounds=None):
+    """The trust-region metrics over the response tokens with A != 0 only (`signal`, (B, T-1)), named
+    <metric>_signal. Tokens of zero-signal groups have F = 1 and rho-independent loss by construction:
+    counted in, they dilute gate_mean / gate_low_frac by the share of such groups, which differs per
+    objective and step. One more evaluation of the objective on detached tensors (no gradient), so
+    the loss math itself gathers nothing."""
+    _, metrics = maspo.policy_loss(logp.detach(), old_logp, A, signal, dataclasses.replace(loss_cfg, kl_coef=0.0),
+                                   bapo_bounds=bounds)
+    return {f"{k}_signal": metrics[k] for k in SIGNAL_METRICS}
 
 
 @torch.no_grad()
@@ -644,54 +717,63 @@ def dist_gather_names(names):
 
 # ----------------------------------------------------------------------------------------------
 # Stages 8-9: logs and evaluation
-def step_metrics(step, batch, rewards, timeouts, samples, loss_metrics, times, lr):
-    """Stage 8: one row of metrics, summed over ranks by name."""
-    flat = [s for group in samples for s in group]
-    mask, zero = batch["mask"], batch["zero_signal"]
+def step_metrics(step, batch, groups, kept, timeouts, rounds, loss_metrics, times):
+    """Stage 8: one row of metrics, summed over ranks by name. Over every sampled group (all rounds):
+    reward, zero_signal_frac, response_len, truncated_frac. Over the kept groups only (the batch the
+    update saw; the same groups unless --drop-zero-signal): entropy, logp_gap, adv_abs_mean and the
+    update's metrics; *_signal: over its tokens with A != 0 only."""
+    flat = [s for _, samples, _ in groups for s in samples]
+    rewards = [r for _, _, group_rewards in groups for r in group_rewards]
+    mask = batch["mask"]
     n_tokens = float(mask.sum())
     n_generated = sum(len(s.completion_ids) for s in flat)
-    sums = {"reward": (sum(rewards), len(rewards)), "zero_signal_frac": (float(zero.sum()), len(zero)),
+    sums = {"reward": (sum(rewards), len(rewards)),
+            "zero_signal_frac": (sum(not has_signal(r) for _, _, r in groups), len(groups)),
             "response_len": (n_generated, len(flat)),
             "truncated_frac": (sum(s.finish_reason == "length" for s in flat), len(flat)),
             "entropy": (float((batch["entropy"] * mask).sum()), n_tokens),
             "logp_gap": (float(((batch["sampler_logp"] - batch["old_logp"]).abs() * mask).sum()), n_tokens),
             "adv_abs_mean": (float(batch["adv"].abs().sum()), len(batch["adv"])),
-            "kept_frac": (len(batch["adv"]), batch["n_all"]), "verify_timeouts": (timeouts, None),
-            "tokens": (n_generated, None)}  # None: totals over ranks, not means
-    row = {"step": step, **reduce_sums(sums)}
-    row["verify_timeouts"] = int(row["verify_timeouts"])
+            "groups_sampled": (len(groups), None), "groups_kept": (len(kept), None),
+            "verify_timeouts": (timeouts, None), "tokens": (n_generated, None)}  # None: totals over ranks, not means
+    row = {"step": step, **reduce_sums(sums), "sampling_rounds": rounds}
+    for k in ("verify_timeouts", "groups_sampled", "groups_kept"):
+        row[k] = int(row[k])
     row["tokens_per_s"] = row.pop("tokens") / times["step"]
-    return {**row, **loss_metrics, "lr": lr, **{f"t_{k}": v for k, v in times.items()}}
+    return {**row, **loss_metrics, **{f"t_{k}": v for k, v in times.items()}}
 
 
 def held_out(sampler, tokenizer, problems, cfg, style, stop_ids, task, rank, world):
-    """Greedy accuracy and Avg@k / Pass@k (at eval_temperature) on the held-out problems, sharded over
-    ranks; the per-problem correct counts are gathered so every rank returns the global numbers."""
-    local = problems[rank::world]
+    """Greedy accuracy and Avg@k / Pass@k (at eval_temperature, eval_top_p) on the held-out problems,
+    sharded over ranks, each problem seeded by its global index (eval.problem_seed), so 1 and N
+    processes draw the same samples; the per-problem correct counts and the verifier's timeouts are
+    gathered so every rank returns the global numbers."""
+    local, keys = problems[rank::world], list(range(rank, len(problems), world))  # global indices
     kw = dict(max_tokens=cfg.max_response_tokens, style=style, stop_token_ids=stop_ids, reward=task.reward,
-              progress=False)
+              progress=False, keys=keys)
     greedy = evaluate(sampler, tokenizer, local, k=1, temperature=0.0, top_p=1.0, seed=cfg.seed, **kw)
-    sampled = evaluate(sampler, tokenizer, local, k=cfg.eval_k, temperature=cfg.eval_temperature, top_p=1.0,
-                       seed=cfg.seed + 1, **kw)
-    mine = [(r["correct"], s["correct"]) for r, s in zip(greedy["results"], sampled["results"])]
+    sampled = evaluate(sampler, tokenizer, local, k=cfg.eval_k, temperature=cfg.eval_temperature,
+                       top_p=cfg.eval_top_p, seed=cfg.seed + 1, **kw)
+    mine = [(i, r["correct"], s["correct"]) for i, r, s in zip(keys, greedy["results"], sampled["results"])]
     everyone = [None] * world
-    dist.all_gather_object(everyone, mine)  # each rank scored its own shard: collect all counts
-    counts = [c for part in everyone for c in part]
+    dist.all_gather_object(everyone, (mine, greedy["verify_timeouts"] + sampled["verify_timeouts"]))  # each rank scored its own shard: collect all
+    counts = sorted(c for part, _ in everyone for c in part)  # in problem order
     k = cfg.eval_k
-    greedy, sampled = scores([g for g, _ in counts], 1, 1), scores([s for _, s in counts], k, k)
-    return {"acc": greedy["avg"], f"avg_at_{k}": sampled["avg"], f"pass_at_{k}": sampled["pass"]}
+    greedy, sampled = scores([g for _, g, _ in counts], 1, 1), scores([s for _, _, s in counts], k, k)
+    return {"acc": greedy["avg"], f"avg_at_{k}": sampled["avg"], f"pass_at_{k}": sampled["pass"],
+            "eval_verify_timeouts": sum(t for _, t in everyone)}
 
 
-def dump_rollouts(cfg, step, problems, samples, rewards, how_many=4):
+def dump_rollouts(cfg, step, groups, how_many=4):
     """A few decoded rollouts with their rewards, for reading what the policy does."""
     folder = os.path.join(cfg.out, "rollouts")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"step_{step:06d}.jsonl"), "w") as f:
-        for i, (p, group) in enumerate(list(zip(problems, samples))[:how_many]):
-            for j, s in enumerate(group):
+        for p, samples, rewards in groups[:how_many]:
+            for s, r in zip(samples, rewards):
                 f.write(json.dumps({"question": p.get("question") or p["messages"][-1]["content"],
-                                    "answer": p["answer"], "completion": s.text,
-                                    "reward": rewards[i * cfg.group_size + j], "finish_reason": s.finish_reason}) + "\n")
+                                    "answer": p["answer"], "completion": s.text, "reward": r,
+                                    "finish_reason": s.finish_reason}) + "\n")
 
 
 def fmt(row):
@@ -729,9 +811,10 @@ class StopRequest:
 
 @contextmanager
 def timed(times, name):
+    """Add the time spent in the block to times[name] (summed over dynamic sampling's rounds)."""
     t = time.time()
     yield
-    times[name] = time.time() - t
+    times[name] = times.get(name, 0.0) + time.time() - t
 
 
 # ----------------------------------------------------------------------------------------------
@@ -751,10 +834,11 @@ def train(cfg, run):
     stop_ids = data.stop_token_ids(base, tokenizer)
     check_context(base, cfg)
     problems = prepare_prompts(problems, tokenizer, style, cfg)
+    check_enough_problems(problems, cfg)
     print0("settings:", textwrap.fill(" ".join(cli.describe(cfg)), 118, subsequent_indent="  "))
     print0(f"stop tokens: {tokenizer.convert_ids_to_tokens(stop_ids)} | processes: {world} | device: {device}")
     model = load_policy(ckpt or base, cfg, device)
-    ref_model = load_policy(base, cfg, device) if cfg.loss.kl_coef > 0 else None  # frozen pi_ref for the KL term
+    ref_model = load_reference(base, cfg, device) if cfg.loss.kl_coef > 0 else None  # frozen pi_ref for the KL term
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: lr_factor(u, cfg))
     start = load_trainer_state(ckpt, model, optimizer, scheduler) if ckpt else 0
@@ -769,28 +853,53 @@ def train(cfg, run):
         results["before"] = evaluate_now()
         log({"step": 0, **results["before"]}, "held-out before RL: ")
     stop = StopRequest()
+    per_rank, free = cfg.prompts_per_step // world, free_old_logprobs(cfg)
+    if free:
+        print0("old log-probs: one epoch of one mini-batch, so pi_old is the update's own forward, detached "
+               "(rho = 1 exactly): stage 5 skipped")
     for step in tqdm(range(start + 1, cfg.steps + 1), desc="RL steps", disable=rank != 0, initial=start, total=cfg.steps):
         times, t0 = {}, time.time()
-        # ---- 1. pick prompts (this rank's shard)
-        batch_problems = pick_prompts(problems, step, cfg, rank, world)
-        # ---- 2. sample G completions per prompt, stopping at the end of the turn
-        with timed(times, "sample"):
-            sampler.wake_up()
-            samples = sampler.generate([p["ids"] for p in batch_problems], n=cfg.group_size,
-                                       max_tokens=cfg.max_response_tokens, temperature=cfg.temperature,
-                                       seed=step_seed(cfg, step, rank, stage=2), stop_token_ids=stop_ids)
-            sampler.sleep()  # frees the KV cache (GPU) while the policy trains; no-op on CPU
-        # ---- 3. verify: reward R in {0, 1}
-        with timed(times, "verify"):
-            texts = [s.text for group in samples for s in group]
-            rewards, timeouts = task.reward(texts, [p for p in batch_problems for _ in range(cfg.group_size)],
-                                            VERIFY_TIMEOUT)
+        groups, timeouts, rounds = [], 0, 0  # groups: (problem, G samples, G rewards) of every round
+        while True:  # stages 1-3, once; with --drop-zero-signal, until this rank holds per_rank groups with signal
+            rounds += 1
+            # ---- 1. pick prompts (this rank's shard; a later round: problems this step has not drawn)
+            short = sum(has_signal(r) for _, _, r in groups) < per_rank
+            batch_problems = pick_prompts(problems, step, cfg, rank, world, rounds - 1) if rounds == 1 or short else []
+            # ---- 2. sample G completions per prompt, stopping at the end of the turn
+            with timed(times, "sample"):
+                sampler.wake_up()
+                samples = sampler.generate([p["ids"] for p in batch_problems], n=cfg.group_size,
+                                           max_tokens=cfg.max_response_tokens, temperature=cfg.temperature,
+                                           seed=step_seed(cfg, step, rank, stage=2, rnd=rounds - 1),
+                                           stop_token_ids=stop_ids) if batch_problems else []
+                sampler.sleep()  # frees the KV cache (GPU) while the policy trains; no-op on CPU
+            # ---- 3. verify: reward R in {0, 1}
+            with timed(times, "verify"):
+                texts = [s.text for group in samples for s in group]
+                rewards, lost = task.reward(texts, [p for p in batch_problems for _ in range(cfg.group_size)],
+                                            VERIFY_TIMEOUT) if texts else ([], 0)
+            timeouts += lost
+            G = cfg.group_size
+            groups += [(p, group, rewards[i * G:(i + 1) * G]) for i, (p, group) in enumerate(zip(batch_problems, samples))]
+            short = cfg.drop_zero_signal and sum(has_signal(r) for _, _, r in groups) < per_rank
+            # collective: every rank runs as many rounds (a later round's collectives stay matched);
+            # a rank that holds its share samples nothing more
+            more, capped = all_reduce([float(short and rounds < cfg.max_sampling_rounds), float(short)],
+                                      dist.ReduceOp.MAX)
+            if not more:
+                break
+        kept = [g for g in groups if has_signal(g[2])][:per_rank] if cfg.drop_zero_signal else groups  # surplus dropped
+        if capped:
+            print0(f"step {step}: --max-sampling-rounds {cfg.max_sampling_rounds} reached with fewer than "
+                   f"{cfg.prompts_per_step} groups with signal: this step trains on the groups it has")
         # ---- 4. group advantages A (maspo.group_advantages), as a padded batch
-        batch = build_batch(samples, rewards, cfg, tokenizer.pad_token_id)
-        # ---- 5. old log-probs from the training model (no grad), and pi_ref for the KL term
+        batch = build_batch(kept, cfg, data.pad_id(tokenizer))
+        # ---- 5. old log-probs from the training model (no grad; free when one epoch of one mini-batch:
+        # update_policy takes them from its own forward), and pi_ref for the KL term
         with timed(times, "old_logp"):
             model.eval()
-            old_logprobs(model, batch, cfg)
+            if not free:
+                old_logprobs(model, batch, cfg)
             if ref_model is not None:
                 old_logprobs(ref_model, batch, cfg, key="ref_logp")
         # ---- 6. policy update: epochs x mini-batches of maspo.policy_loss
@@ -803,9 +912,9 @@ def train(cfg, run):
             sampler.load_weights(full_weights(model))
         # ---- 8. log: one line per step
         times["step"] = time.time() - t0
-        row = step_metrics(step, batch, rewards, timeouts, samples, loss_metrics, times, scheduler.get_last_lr()[0])
+        row = step_metrics(step, batch, groups, kept, timeouts, rounds, loss_metrics, times)
         if rank == 0 and step % ROLLOUTS_EVERY == 0:
-            dump_rollouts(cfg, step, batch_problems, samples, rewards)
+            dump_rollouts(cfg, step, groups)
         # ---- 9. evaluate / checkpoint
         if eval_problems and (step == cfg.steps or cfg.eval_every and step % cfg.eval_every == 0):
             held = evaluate_now()

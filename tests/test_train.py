@@ -13,6 +13,7 @@ What the slow ones buy (times on an idle 2-core machine):
   test_short_real_run_with_vllm (~30 s)  the whole loop on the real vLLM CPU engine.
 """
 import json
+import math
 import os
 import resource
 import signal
@@ -71,11 +72,46 @@ def test_update_equals_one_policy_loss_call(model_dir, tmp_path):
     start = start_weights(model_dir)
     expected = {k: start[k] - 0.5 * p.grad for k, p in model.named_parameters()}  # SGD, lr 0.5
     assert min((expected[k] - start[k]).abs().max().item() for k in start) > 1e-5  # every tensor moves
-    for mode, nproc in (("one", 1), ("one", 2), ("empty_rank", 2)):
+    for mode, nproc in (("one", 1), ("one", 2), ("empty_rank", 2), ("fused", 1), ("fused", 2)):
         got = update(model_dir, tmp_path / f"{mode}{nproc}.pt", mode, nproc)
         assert got["metrics"]["updates"] == 1
         diff = max((got["weights"][k] - expected[k]).abs().max().item() for k in start)
         assert diff < 1e-6, f"{mode} on {nproc} process(es): differs from one policy_loss call by {diff}"
+        if mode == "fused":  # stage 5 skipped: pi_old is the update's own forward, detached (rho = 1 exactly)
+            rows = slice(0, 16 // nproc)  # rank 0's sequences
+            gap = ((got["old_logp"] - logp.detach()[rows]).abs() * b["mask"][rows]).max().item()
+            assert gap < 1e-5, f"fused pi_old on {nproc} process(es) differs from the detached log-probs by {gap}"
+            assert got["metrics"]["ratio_min"] == got["metrics"]["ratio_max"] == 1.0
+
+
+def test_signal_metrics_equal_a_hand_count():
+    """The gate / ratio metrics over tokens with A != 0 (train.signal_metrics): GRPO on 3 sequences of
+    3 tokens, the third of a zero-signal group (A = 0, F = 1 by construction, whatever rho). Hand count:
+    A = +1 tokens with rho 1.0, 1.5 (> 1.2: cut), 1.1; A = -1 tokens with rho 0.5 (< 0.8: cut), 1.0, 0.9:
+    2 of the 6 signal tokens cut -> gate_mean_signal 4/6, gate_low_frac_signal 2/6, while over all 9
+    tokens gate_mean is 7/9 (diluted by the 3 zero-signal tokens, even with rho 2 there)."""
+    rho = torch.tensor([[1.0, 1.5, 1.1], [0.5, 1.0, 0.9], [2.0, 2.0, 2.0]])
+    old = torch.full((3, 3), -1.0)
+    A = torch.tensor([1.0, -1.0, 0.0])[:, None].expand(3, 3)
+    mask = torch.ones(3, 3)
+    cfg = maspo.resolve(maspo.LossConfig(loss="grpo"))
+    _, every = maspo.policy_loss(old + rho.log(), old, A, mask, cfg)
+    got = train.signal_metrics(old + rho.log(), old, A, mask * (A != 0), cfg)
+    assert every["gate_mean"] == pytest.approx(7 / 9)
+    assert got["gate_mean_signal"] == pytest.approx(4 / 6) and got["gate_low_frac_signal"] == pytest.approx(2 / 6)
+    assert got["ratio_dev_mean_signal"] == pytest.approx((0 + .5 + .1 + .5 + 0 + .1) / 6)
+
+
+def test_reference_model_is_in_eval_mode(tmp_path):
+    """pi_ref of the KL term (train.load_reference) is in eval mode: with a model whose config has
+    dropout (attention_dropout 0.5), two passes over the same batch give the same log-probs."""
+    path = tiny.build_tiny_model(str(tmp_path / "m"), seed=0)
+    config = json.load(open(os.path.join(path, "config.json")))
+    json.dump({**config, "attention_dropout": 0.5}, open(os.path.join(path, "config.json"), "w"))
+    got = update(path, tmp_path / "ref.pt", "reference")
+    assert got["training"] is False
+    first, second = got["ref_logp"]
+    assert torch.equal(first, second) and first.abs().sum() > 0
 
 
 @pytest.mark.parametrize("mode", ["update", "bapo"])
@@ -90,9 +126,17 @@ def test_sharded_update_equals_single_process(model_dir, tmp_path, mode):
     diff = max((one["weights"][k] - two["weights"][k]).abs().max().item() for k in start)
     assert diff < 1e-5, f"2-process FSDP update differs from the 1-process one by {diff}"
     assert one["metrics"]["updates"] == 2 and one["metrics"]["ratio_dev_mean"] > 0.01
-    keys = ("grad_norm", "gate_mean", "ratio_dev_mean", "approx_kl", "ratio_max")
+    keys = ("grad_norm", "gate_mean", "ratio_dev_mean", "approx_kl", "ratio_max", "gate_mean_signal",
+            "ratio_dev_mean_signal")
     for k in keys + (("bapo_c_low", "bapo_c_high") if mode == "bapo" else ()):
         assert abs(one["metrics"][k] - two["metrics"][k]) < 1e-5 * max(1, abs(one["metrics"][k])), k
+    # the zero-signal group's tokens have F = 1: gate_mean mixes them in, gate_mean_signal leaves them out
+    b = train_script.fixed_batch(vocab=99)
+    signal = b["mask"] * (b["adv"] != 0)[:, None]
+    n_all, n_signal = float(b["mask"].sum()), float(signal.sum())
+    m = one["metrics"]
+    assert 0 < n_signal < n_all and m["gate_mean_signal"] < 1
+    assert m["gate_mean"] * n_all == pytest.approx(m["gate_mean_signal"] * n_signal + (n_all - n_signal), rel=1e-6)
 
 
 def test_nan_loss_skips_the_update(model_dir, tmp_path):
@@ -349,6 +393,8 @@ BAD_SETTINGS = [  # (flags, words the one-line error must hold)
     (["--weight-decay", "-1"], ["--weight-decay -1.0"]),
     (["--gpu-memory-utilization", "0"], ["--gpu-memory-utilization 0.0"]),
     (["--ent-adv-kappa", "1"], ["--ent-adv-kappa 1.0", "kappa must be > 1"]),
+    (["--max-sampling-rounds", "0"], ["--max-sampling-rounds 0", ">= 1"]),
+    (["--eval-top-p", "0"], ["--eval-top-p 0.0", "(0, 1]"]),
 ]
 
 
@@ -410,18 +456,36 @@ def test_lr_warm_up_then_constant():
     assert train.lr_factor(0, train.parse_args([])) == 1.0
 
 
-def test_prompts_are_sharded_over_ranks():
-    """pick_prompts: the ranks of a step hold disjoint shards whose union is what one process picks,
-    and consecutive steps walk through the data without repeating a prompt within a pass (a step that
-    straddles two passes may hold a prompt twice: each pass has its own shuffle)."""
+def test_no_step_holds_a_prompt_twice():
+    """pick_prompts: the ranks of a step hold disjoint shards whose union is what one process picks;
+    an epoch is len // prompts_per_step steps of one shuffle (the remainder dropped), so no step holds a
+    prompt twice, whatever the step; dynamic sampling's later rounds draw other problems of the data,
+    none twice within the step, the same on a resume (a function of the step)."""
     problems = [{"question": str(i)} for i in range(10)]
     cfg = train.parse_args(["--prompts-per-step", "4"])
-    for step in (1, 2, 3):
-        one = [p["question"] for p in train.pick_prompts(problems, step, cfg, rank=0, world=1)]
-        two = [p["question"] for r in (0, 1) for p in train.pick_prompts(problems, step, cfg, rank=r, world=2)]
-        assert one == two and (step == 3 or len(set(one)) == 4)
-    first_pass = [p["question"] for s in (1, 2) for p in train.pick_prompts(problems, s, cfg, 0, 1)]
-    assert len(set(first_pass)) == 8  # steps 1-2 cover 8 distinct problems of the 10
+    picked = lambda step, rank=0, world=1, rnd=0: [  # noqa: E731
+        p["question"] for p in train.pick_prompts(problems, step, cfg, rank, world, rnd)]
+    for step in range(1, 61):
+        one = picked(step)
+        assert one == picked(step, 0, 2) + picked(step, 1, 2)
+        assert len(set(one)) == 4, (step, one)
+        rounds = one + picked(step, 0, 1, 1) + picked(step, 0, 2, 2) + picked(step, 1, 2, 2)
+        assert len(rounds) == 10 and len(set(rounds)) == 10, (step, rounds)  # 3 rounds: every problem once
+        assert picked(step, 0, 1, 3) == [] and rounds == one + picked(step, 0, 1, 1) + picked(step, 0, 2, 2) + \
+            picked(step, 1, 2, 2)  # out of problems: an empty round; and the same choices again
+    assert len(set(picked(1) + picked(2))) == 8  # an epoch (2 steps) covers 8 distinct problems of the 10
+    assert sorted(picked(3) + picked(4)) != sorted(picked(1) + picked(2))  # the next epoch: a new shuffle
+
+
+def test_more_prompts_per_step_than_problems_is_one_line(tmp_path):
+    """--prompts-per-step larger than the training data: one line, exit status 2, before any model loads."""
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"problem": f"{i}+1", "answer": str(i + 1)}) + "\n" for i in range(3)))
+    cache = tmp_path / "never-built"
+    proc = run(tiny_run_args(str(cache), tmp_path / "run", "--train-data", str(small)), timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "--prompts-per-step 4 > the 3 usable training problems" in proc.stderr.strip().splitlines()[-1]
+    assert not cache.exists()
 
 
 TASK_FILE = """
@@ -436,10 +500,11 @@ TASK = data.Task(load=problems, instruction="", reward=reward)
 
 def test_two_ranks_gather_the_held_out_set_and_count_lost_rewards(tiny_dir, tmp_path):
     """torchrun with 2 processes: each rank evaluates its half of the held-out set and the gathered
-    greedy accuracy equals one process's; a task's lost (timed-out) checks are summed over ranks."""
+    greedy accuracy, Avg@k and Pass@k equal one process's (sampling seeded per problem by its global
+    index); a task's lost (timed-out) checks are summed over ranks, in training and held-out."""
     (tmp_path / "lossy.py").write_text(TASK_FILE)
     env = {**ENV, "PYTHONPATH": str(tmp_path)}
-    accs = []
+    accs, held = [], []
     for nproc in (1, 2):
         launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                         "--nproc_per_node", "2"]
@@ -448,14 +513,73 @@ def test_two_ranks_gather_the_held_out_set_and_count_lost_rewards(tiny_dir, tmp_
         proc = subprocess.run(launcher + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         accs.append([r["acc"] for r in read_metrics(out) if "acc" in r])
+        held.append([(r["avg_at_2"], r["pass_at_2"]) for r in read_metrics(out) if "acc" in r])
         (tmp_path / f"lossy{nproc}").mkdir()
         args = tiny_run_args(tiny_dir, tmp_path / f"lossy{nproc}" / "run", "--steps", "1", "--sampler", "hf",
-                             "--task", "lossy:TASK", "--eval-limit", "1")[1:]
+                             "--task", "lossy:TASK", "--eval-limit", "4")[1:]
         proc = subprocess.run(launcher + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        row = read_metrics(tmp_path / f"lossy{nproc}" / "run")[-1]
-        assert row["verify_timeouts"] == 16 // 4 and row["reward"] == 0.0  # 4 prompts x G 4 checks per step
+        rows = read_metrics(tmp_path / f"lossy{nproc}" / "run")
+        assert rows[-1]["verify_timeouts"] == 16 // 4 and rows[-1]["reward"] == 0.0  # 4 prompts x G 4 checks per step
+        # held-out: greedy 4 + sampled 4 x 2 checks; one call per rank of each: 4 // 4 + 8 // 4 on one
+        # process, 2 x (2 // 4 + 4 // 4) on two
+        assert [r["eval_verify_timeouts"] for r in rows if "acc" in r] == [{1: 3, 2: 2}[nproc]] * 2
     assert accs[0] == accs[1] and len(accs[0]) == 2  # held-out before and after, the same with 2 ranks
+    assert held[0] == held[1]  # sampled Avg@k / Pass@k too: each problem seeded by its global index
+
+
+HALF_SIGNAL_FILE = """
+import zlib
+import data
+def reward(completions, problems, timeout=1.0):  # a third of the problems: the group's first sample scores 1 (signal)
+    return [float(i % 4 == 0 and zlib.crc32(p["question"].encode()) % 3 == 0) for i, p in enumerate(problems)], 0
+TASK = data.Task(load=data.load_problems, instruction="", reward=reward)
+"""
+
+
+def test_dynamic_sampling_keeps_the_asked_groups_and_updates(tiny_dir, tmp_path):
+    """--drop-zero-signal as DAPO runs it, on 2 processes: with a reward that gives two groups in three
+    no signal, each step samples more rounds until it holds prompts_per_step (4) groups with signal,
+    so the number of updates is fixed (16 sequences / mini-batch 8 = 2). With --max-sampling-rounds 1
+    the cap is hit: said on the console, and the step trains on the groups it has."""
+    (tmp_path / "half.py").write_text(HALF_SIGNAL_FILE)
+    env = {**ENV, "PYTHONPATH": str(tmp_path)}
+    common = ["--sampler", "hf", "--task", "half:TASK", "--train-data", "arithmetic", "--eval-limit", "2",
+              "--drop-zero-signal"]
+    args = tiny_run_args(tiny_dir, tmp_path / "run", "--steps", "3", *common)[1:]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + args,
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in read_metrics(tmp_path / "run") if r["step"] > 0 and "reward" in r]
+    assert [(r["groups_kept"], r["updates"]) for r in rows] == [(4, 2)] * 3
+    assert all(r["groups_sampled"] > 4 and r["sampling_rounds"] > 1 and r["zero_signal_frac"] > 0.3 for r in rows)
+    proc = subprocess.run(tiny_run_args(tiny_dir, tmp_path / "capped", "--steps", "1", "--max-sampling-rounds", "1",
+                                        *common), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = read_metrics(tmp_path / "capped")[-1]
+    assert "--max-sampling-rounds 1 reached" in proc.stdout + proc.stderr
+    assert row["sampling_rounds"] == 1 and row["groups_sampled"] == 4 and row["groups_kept"] < 4
+    assert row["updates"] == math.ceil(row["groups_kept"] * 4 / 8)
+
+
+def test_a_model_without_a_pad_token_trains_and_evaluates(tmp_path):
+    """A Llama-3-style stand-in chat model (no pad token: batches padded with EOS) trains 2 steps and is
+    evaluated. One epoch of one mini-batch (16 = 4 prompts x G 4): stage 5 is skipped, said at start,
+    and rho is exactly 1. Linear warm-up over 4 updates: each step logs the lr its update used."""
+    path = tiny.build_chat_model(str(tmp_path / "llama"), "llama3", max_position_embeddings=256)
+    assert tiny.load_tokenizer(path).pad_token_id is None
+    proc = run([sys.executable, "train.py", "--model", path, "--train-data", "arithmetic", "--eval-data",
+                "arithmetic:test", "--eval-limit", "4", "--eval-k", "2", "--steps", "2", "--prompts-per-step", "4",
+                "--group-size", "4", "--mini-batch-size", "16", "--max-prompt-tokens", "128",
+                "--max-response-tokens", "16", "--micro-batch-tokens", "1024", "--lr", "1e-3", "--warmup-steps", "4",
+                "--sampler", "hf", "--out", str(tmp_path / "run")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage 5 skipped" in proc.stdout + proc.stderr
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 1, 2] and "acc" in rows[0] and "acc" in rows[2]
+    assert [r["lr"] for r in rows[1:]] == [pytest.approx(1e-3 * 0.25), pytest.approx(1e-3 * 0.5)]
+    assert all(r["ratio_min"] == r["ratio_max"] == 1.0 and r["ratio_dev_mean"] == 0.0 for r in rows[1:])
+    assert all(r["updates"] == 1 for r in rows[1:])
 
 
 BOOM_FILE = """
