@@ -28,12 +28,15 @@ and vocabulary as the previous one, its weights are pushed into the live engine
 (`sampler.load_weights`, as training does after each step); otherwise the engine is released and
 a new one made. This keeps a single vLLM engine alive per process (what vLLM's CPU build needs).
 """
+import datetime
 import gc
 import glob
 import json
 import math
 import os
 import re
+import signal
+import time
 import zlib
 from dataclasses import dataclass, field
 
@@ -66,7 +69,8 @@ class EvalConfig:
     out: str = "out/eval"  # output folder (with --plot: a .png file, or a folder for curves.png)
     backend: str = "auto"  # sampler: auto (vLLM if importable) | vllm | hf
     dtype: str = "auto"  # sampler weights: auto = bfloat16 on GPU, float32 on CPU
-    gpu_memory_utilization: float = 0.5  # share of GPU memory for vLLM
+    gpu_memory_utilization: float = 0.9  # share of GPU memory for vLLM: eval.py has its GPU to itself (train.py shares it with the trainer: 0.4)
+    chunk: int = 0  # problems per process per round: results are saved to --out after each round (0 = ~1024 samples' worth)
     workers: int = 0  # verifier processes of the math task (0 = verify.py's default); other tasks ignore it
     seed: int = 0  # sampling seed (the same for every model, so runs compare on equal terms)
     plot: list = field(default_factory=list)  # run folders: draw their training curves (metrics.jsonl) instead of evaluating
@@ -124,25 +128,36 @@ def evaluate(sampler, tokenizer, problems, k=32, temperature=0.6, top_p=0.95, ma
                               seed=seed if keys is None else [problem_seed(seed, key) for key in keys],
                               stop_token_ids=stop_token_ids, progress=progress)
     groups = [group * (n // draws) for group in groups]  # (problems, n)
-    flat = [s for group in groups for s in group]  # n per problem, in problem order
-    texts = [s.text for s in flat]
+    texts = [s.text for group in groups for s in group]  # n per problem, in problem order
     rewards, timeouts = reward(texts, [p for p in problems for _ in range(n)])
     results = []
     for i, (p, group) in enumerate(zip(problems, groups)):
         r = rewards[i * n:(i + 1) * n]
         correct = sum(x > 0.5 for x in r)  # rewards are 0/1
-        results.append({"question": p.get("question") or p["messages"][-1]["content"], "answer": p["answer"],
+        results.append({"question": question_of(p), "answer": p["answer"],
                         "where": p.get("where"), "correct": correct, "pass": pass_at_k(n, correct, k), "rewards": r,
                         "extracted": [verify.extract_answer(s.text, answer_line=bool(p.get("answer_line")))
                                       for s in group],
                         "samples": [s.text for s in group],
                         "finish_reasons": [s.finish_reason for s in group],
                         "lengths": [len(s.completion_ids) for s in group]})
-    return {**scores([r["correct"] for r in results], n, k), "n": len(problems), "k": k, "samples": n,
-            "truncated": sum(s.finish_reason == "length" for s in flat) / len(flat),
-            "no_answer": sum(e is None for r in results for e in r["extracted"]) / len(flat),
-            "response_len": sum(len(s.completion_ids) for s in flat) / len(flat),
-            "verify_timeouts": timeouts, "results": results}
+    return summarize(results, n, k, timeouts)
+
+
+def question_of(problem):
+    return problem.get("question") or problem["messages"][-1]["content"]
+
+
+def summarize(results, n, k, verify_timeouts):
+    """A benchmark's numbers from its per-problem results (evaluate's records, in benchmark order):
+    computed from the records alone, so a run resumed from its saved records, or gathered from N
+    processes, reports exactly what one uninterrupted process would."""
+    samples = len(results) * n
+    return {**scores([r["correct"] for r in results], n, k), "n": len(results), "k": k, "samples": n,
+            "truncated": sum(f == "length" for r in results for f in r["finish_reasons"]) / samples,
+            "no_answer": sum(e is None for r in results for e in r["extracted"]) / samples,
+            "response_len": sum(x for r in results for x in r["lengths"]) / samples,
+            "verify_timeouts": verify_timeouts, "results": results}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,6 +329,134 @@ def free_memory():
 
 
 # ----------------------------------------------------------------------------------------------
+# One process or N (torchrun): the process group and the two collectives eval.py uses
+GROUP = {}  # world size, rendezvous store and how many groups were made on it (rejoin)
+GROUP_TIMEOUT = datetime.timedelta(hours=6)  # a rank waits for the slowest rank's round of long responses; NCCL's default 10 min would kill the run
+KILL_AFTER_ROUNDS = "EVAL_TEST_KILL_AFTER_ROUNDS"  # tests only: rank 0 SIGKILLs itself after this many saved rounds, mid-write
+
+
+def setup_distributed():
+    """(rank, world). Under torchrun: a process group over every rank (gloo on CPU, nccl on GPU, each
+    rank on its own GPU). Plain python: no group, rank 0 of 1, and gather / broadcast below are identities."""
+    import torch
+    import torch.distributed as dist
+    GROUP.update(world=int(os.environ.get("WORLD_SIZE", "1")), generation=0)
+    if GROUP["world"] == 1:
+        return 0, 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    GROUP["store"] = next(dist.rendezvous("env://", timeout=GROUP_TIMEOUT))[0]  # torchrun's store, kept for rejoin()
+    join_group()
+    return dist.get_rank(), dist.get_world_size()
+
+
+def join_group():
+    import torch
+    import torch.distributed as dist
+    GROUP["generation"] += 1
+    # a fresh key prefix per group: the keys of a destroyed group stay in the store, and a new group
+    # made under the same prefix reads them and connects to the dead group's ports
+    store = dist.PrefixStore(f"eval_group_{GROUP['generation']}", GROUP["store"])
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=store, timeout=GROUP_TIMEOUT,
+                            rank=int(os.environ["RANK"]), world_size=GROUP["world"])
+
+
+def rejoin():
+    """After an engine is closed: vLLM's shutdown (rollout's close: cleanup_dist_env_and_memory)
+    destroys every process group of this process, eval.py's too; make a new one."""
+    import torch.distributed as dist
+    if GROUP.get("world", 1) > 1 and not dist.is_initialized():
+        join_group()
+
+
+def gather(obj):
+    """Every rank's obj, as a list on rank 0 (None elsewhere); [obj] in one process."""
+    import torch.distributed as dist
+    if GROUP.get("world", 1) == 1:
+        return [obj]
+    objs = [None] * GROUP["world"] if dist.get_rank() == 0 else None
+    dist.gather_object(obj, objs, dst=0)
+    return objs
+
+
+def broadcast(obj):
+    """Rank 0's obj on every rank."""
+    import torch.distributed as dist
+    if GROUP.get("world", 1) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume: each model's results are appended to <out>/<model>/progress.jsonl as they come; a line
+# is one round of every rank ({"verify_timeouts": {bench: count}, "results": [[bench, index, record]]}),
+# the first line holds the settings that made them
+def progress_path(out, label):
+    return os.path.join(out, safe_name(label), "progress.jsonl")
+
+
+def read_progress(path, settings, suites):
+    """({(bench, index): record}, {bench: verify timeouts}) saved in `path` by an earlier run of
+    these settings; empty when there is none. Other settings, or problems that changed since, are
+    refused in one line (never mixed). A last line cut short by a kill is dropped from the file."""
+    if not os.path.isfile(path):
+        return {}, {}
+    with open(path) as f:
+        text = f.read()
+    lines = text.split("\n")
+    if lines[-1]:  # no newline at the end: a write cut short; keep the complete lines only (atomic rewrite)
+        lines = lines[:-1]
+        with open(path + ".tmp", "w") as f:
+            f.write("".join(line + "\n" for line in lines if line))
+        os.replace(path + ".tmp", path)
+    lines = [line for line in lines if line]
+    if not lines:
+        return {}, {}
+    try:
+        header, rounds = json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"eval.py: {path}: not valid JSON ({e}); delete it to evaluate this model again") from None
+    saved = header.get("settings", {})
+    diff = [f"{key} {saved.get(key)!r} there, {value!r} here" for key, value in settings.items() if saved.get(key) != value]
+    if diff:
+        raise SystemExit(f"eval.py: {path} holds results of other settings ({'; '.join(diff)}); use another --out, "
+                         "or delete that file to evaluate this model again")
+    done, timeouts = {}, {}
+    for line in rounds:
+        for bench, index, record in line["results"]:
+            done[bench, index] = record
+        for bench, count in line["verify_timeouts"].items():
+            timeouts[bench] = timeouts.get(bench, 0) + count
+    for (bench, index), record in done.items():
+        problems = suites.get(bench, [])
+        if index < len(problems) and (record["question"], record["answer"]) != (question_of(problems[index]),
+                                                                                 problems[index]["answer"]):
+            raise SystemExit(f"eval.py: {path}: {bench} problem {index} is not the one saved there (the benchmark "
+                             "changed); use another --out, or delete that file to evaluate this model again")
+    return done, timeouts
+
+
+def append_line(path, obj):
+    """One JSON line, on disk before this returns (a kill after it loses nothing)."""
+    line = json.dumps(obj) + "\n"
+    with open(path, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+    return line
+
+
+def killed_for_test(path, rounds, line):
+    """tests only (EVAL_TEST_KILL_AFTER_ROUNDS=N): after N saved rounds, half a line, then SIGKILL."""
+    if os.environ.get(KILL_AFTER_ROUNDS) == str(rounds):
+        with open(path, "a") as f:
+            f.write(line[:len(line) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------------------
 # The evaluation: every model on every benchmark, one table
 def context_of(path):
     """The model's context length (max_position_embeddings of its config.json), None if unknown."""
@@ -323,11 +466,34 @@ def context_of(path):
     return config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
 
 
+def plan_model(cfg, label, path, train_cfg, task, suites, max_tokens, settings):
+    """What one model's evaluation needs before any engine: tokenizer, prompt style, prompt ids, the
+    response budget (capped by its context), and the settings its saved results must match."""
+    import tiny
+    tokenizer = tiny.load_tokenizer(path)
+    style = style_for(cfg, train_cfg, task)
+    prompts = {bench: data.tokenize_prompts(tokenizer, ps, style) for bench, ps in suites.items()}
+    longest = max(len(ids) for ids_of_bench in prompts.values() for ids in ids_of_bench)
+    context = context_of(path)
+    budget = min(max_tokens, context - longest) if context else max_tokens
+    if budget < 1:
+        raise SystemExit(f"{path}: the longest prompt ({longest} tokens) fills its context ({context}); use --limit "
+                         "or benchmarks with shorter problems")
+    return {"label": label, "path": path, "tokenizer": tokenizer, "style": style, "prompts": prompts,
+            "longest": longest, "budget": budget, "capped": budget < max_tokens, "context": context,
+            "settings": {"model": path, **settings, "max_tokens": budget, "instruction": style.instruction,
+                         "system_prompt": style.system_prompt, "chat_template": style.chat_template}}
+
+
 def run(cfg):
-    """Evaluate cfg.model (or the embedded default) on cfg.benchmarks; write and return the rows."""
+    """Evaluate cfg.model (or the embedded default) on cfg.benchmarks, on this process or on every
+    torchrun rank (each its own engine, an even share of the samples); rank 0 writes and returns the rows."""
     import rollout
     import tiny
     import torch
+    from tqdm import tqdm
+    rank, world = setup_distributed()
+    say = print if rank == 0 else (lambda *args, **kwargs: None)
     if cfg.model:
         names = cfg.names or [label_of(m.rstrip("/")) for m in cfg.model]
         try:  # run folders -> their latest checkpoint; hub names -> the local copy (downloaded once)
@@ -344,53 +510,120 @@ def run(cfg):
     max_tokens = cfg.max_tokens or next((m[2]["max_response_tokens"] for m in models if m[2].get("max_response_tokens")), 4096)
     n = cfg.n or cfg.k
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
-    print(f"{len(models)} model(s) x {len(suites)} benchmark(s) "
-          f"({', '.join(f'{b}: {len(p)}' for b, p in suites.items())} problems), {n} samples each, "
-          f"temperature {cfg.temperature}, top_p {cfg.top_p}, {max_tokens} max tokens")
+    backend = cfg.backend if cfg.backend != "auto" else ("vllm" if rollout.vllm_available() else "hf")
+    num_problems = sum(len(p) for p in suites.values())
+    say(f"{len(models)} model(s) x {len(suites)} benchmark(s) "
+        f"({', '.join(f'{b}: {len(p)}' for b, p in suites.items())} problems), {n} samples each, "
+        f"temperature {cfg.temperature}, top_p {cfg.top_p}, {max_tokens} max tokens, {world} process(es)")
 
-    rows, sampler, engine = [], None, None  # engine = (path, max_model_len, tokenizer) of the live sampler
-    for label, path, train_cfg in models:
-        tokenizer = tiny.load_tokenizer(path)
-        style = style_for(cfg, train_cfg, task)
-        prompts = {bench: data.tokenize_prompts(tokenizer, ps, style) for bench, ps in suites.items()}
-        longest = max(len(ids) for ids_of_bench in prompts.values() for ids in ids_of_bench)
-        context = context_of(path)
-        budget = min(max_tokens, context - longest) if context else max_tokens
-        if budget < 1:
-            raise SystemExit(f"{path}: the longest prompt ({longest} tokens) fills its context ({context}); use --limit "
-                             "or benchmarks with shorter problems")
-        if budget < max_tokens:
-            print(f"note: {label}: responses capped at {budget} tokens (context {context}, longest prompt {longest})")
-        if (sampler is not None and same_architecture(engine[0], path) and longest + budget <= engine[1]
-                and tokenizer.get_vocab() == engine[2].get_vocab()):
+    # 1. Every model planned, and --out read, before any engine starts (a refusal costs nothing)
+    settings = {"k": cfg.k, "samples": n, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed,
+                "task": task_name, "prompt_key": cfg.prompt_key, "answer_key": cfg.answer_key, "backend": backend,
+                "dtype": dtype}
+    plans = [plan_model(cfg, label, path, train_cfg, task, suites, max_tokens, settings)
+             for label, path, train_cfg in models]
+    saved, error = [], None
+    if rank == 0:  # only rank 0 reads and writes --out (ranks need no shared file system)
+        try:
+            saved = [read_progress(progress_path(cfg.out, p["label"]), p["settings"], suites) for p in plans]
+        except SystemExit as e:
+            error = str(e)
+    # collective: every rank must split the same remaining work, and a refusal must stop every rank
+    done_keys, error = broadcast(([set(done) for done, _ in saved], error))
+    if error:
+        raise SystemExit(error)
+    skipped = sum(len([key for key in keys if key[1] < len(suites.get(key[0], []))]) for keys in done_keys)
+    if skipped:
+        say(f"resuming: {skipped} of {num_problems * len(plans)} problem evaluations ({skipped * n} samples) are "
+            f"already in {cfg.out}, skipped")
+    if rank == 0:
+        for plan, (done, _) in zip(plans, saved):
+            path = progress_path(cfg.out, plan["label"])
+            if not os.path.isfile(path) or os.path.getsize(path) == 0:  # a new model (or a header cut short)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                append_line(path, {"settings": plan["settings"]})
+    bar = tqdm(total=num_problems * n * len(plans), initial=skipped * n, unit="sample", desc="eval",
+               disable=rank != 0, dynamic_ncols=True)
+    start, tokens = time.time(), 0
+
+    # 2. Each model: the problems not yet done, dealt round-robin over the ranks, in rounds
+    rows, sampler, engine, rounds_saved = [], None, None, 0  # engine = (path, max_model_len, tokenizer) of the live sampler
+    for i, plan in enumerate(plans):
+        label, path, tokenizer = plan["label"], plan["path"], plan["tokenizer"]
+        todo = [(bench, j) for bench, ps in suites.items() for j in range(len(ps)) if (bench, j) not in done_keys[i]]
+        if plan["capped"] and todo:
+            say(f"note: {label}: responses capped at {plan['budget']} tokens (context {plan['context']}, longest prompt "
+                f"{plan['longest']})")
+        if todo and (sampler is not None and same_architecture(engine[0], path)
+                     and plan["longest"] + plan["budget"] <= engine[1] and tokenizer.get_vocab() == engine[2].get_vocab()):
             sampler.load_weights(checkpoint_weights(path))  # same architecture and vocabulary: reuse the live engine
-        else:
+        elif todo:
             if sampler is not None:  # a different architecture: a new engine, after the old one is gone
                 sampler.close()
                 sampler = None
                 free_memory()
-            engine = (path, longest + budget, tokenizer)
+                rejoin()
+            engine = (path, plan["longest"] + plan["budget"], tokenizer)
             sampler = rollout.make_sampler(path, tokenizer, backend=cfg.backend, max_model_len=engine[1], seed=cfg.seed,
                                            dtype=dtype, gpu_memory_utilization=cfg.gpu_memory_utilization)
         stop_ids = data.stop_token_ids(path, tokenizer)  # the training stop rule
-        details = {}
-        for bench, problems in suites.items():
-            details[bench] = evaluate(
-                sampler, tokenizer, problems, k=cfg.k, n=n, temperature=cfg.temperature, top_p=cfg.top_p,
-                max_tokens=budget, style=style, seed=cfg.seed, stop_token_ids=stop_ids, prompts=prompts[bench],
-                reward=lambda texts, probs: task.reward(texts, probs, 1.0, **workers))
-            res = details[bench]
-            print(f"{label} | {bench}: Avg@{cfg.k} {100 * res['avg']:.1f} | Pass@{cfg.k} {100 * res['pass']:.1f} | "
-                  f"truncated {100 * res['truncated']:.1f}% | no answer {100 * res['no_answer']:.1f}%")
+        reward = lambda texts, probs: task.reward(texts, probs, 1.0, **workers)  # noqa: E731
+        # round-robin: every rank gets an even share of every benchmark (balanced by samples: AIME's
+        # long responses are not all on one rank), whatever was done before
+        mine = todo[rank::world]
+        size = cfg.chunk or max(1, 1024 // n)  # problems per rank per round: ~1024 samples between saves
+        for r in range(math.ceil(math.ceil(len(todo) / world) / size)):  # the same number of rounds on every rank
+            part, records, timeouts = mine[r * size:(r + 1) * size], [], {}
+            for bench in dict.fromkeys(b for b, _ in part):  # one sampler call per benchmark in the round
+                index = [j for b, j in part if b == bench]
+                res = evaluate(sampler, tokenizer, [suites[bench][j] for j in index], k=cfg.k, n=n,
+                               temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=plan["budget"], style=plan["style"],
+                               seed=cfg.seed, progress=False, stop_token_ids=stop_ids, reward=reward,
+                               prompts=[plan["prompts"][bench][j] for j in index],
+                               keys=[[bench, j] for j in index])  # seeded by (benchmark, index): any rank, any round
+                records += [[bench, j, rec] for j, rec in zip(index, res["results"])]
+                timeouts[bench] = res["verify_timeouts"]
+            rounds = gather((records, timeouts))  # collective: rank 0 saves every rank's round and moves the bar
+            if rank == 0:
+                line = {"verify_timeouts": {}, "results": [x for recs, _ in rounds for x in recs]}
+                for _, counts in rounds:
+                    for bench, count in counts.items():
+                        line["verify_timeouts"][bench] = line["verify_timeouts"].get(bench, 0) + count
+                text = append_line(progress_path(cfg.out, label), line)
+                rounds_saved += 1
+                killed_for_test(progress_path(cfg.out, label), rounds_saved, text)
+                saved[i][0].update({(b, j): rec for b, j, rec in line["results"]})
+                for bench, count in line["verify_timeouts"].items():
+                    saved[i][1][bench] = saved[i][1].get(bench, 0) + count
+                repeats = n if cfg.temperature == 0 else 1  # greedy: one draw copied n times
+                tokens += sum(x for _, _, rec in line["results"] for x in rec["lengths"]) // repeats
+                bar.update(len(line["results"]) * n)
+                bar.set_postfix_str(f"{tokens / max(time.time() - start, 1e-9):.0f} tok/s")
+        if rank != 0:
+            continue
+        done, timeouts = saved[i]
+        details = {bench: summarize([done[bench, j] for j in range(len(ps))], n, cfg.k, timeouts.get(bench, 0))
+                   for bench, ps in suites.items()}
+        for bench, res in details.items():
+            bar.write(f"{label} | {bench}: Avg@{cfg.k} {100 * res['avg']:.1f} | Pass@{cfg.k} {100 * res['pass']:.1f} | "
+                      f"truncated {100 * res['truncated']:.1f}% | no answer {100 * res['no_answer']:.1f}%")
         per_bench = {b: {"avg": r["avg"], "pass": r["pass"]} for b, r in details.items()}
-        rows.append({"name": label, "model": path, "instruction": style.instruction, "system_prompt": style.system_prompt,
-                     "max_tokens": budget, "benchmarks": per_bench, "average": macro_average(per_bench),
-                     "details": details})
+        rows.append({"name": label, "model": path, "instruction": plan["style"].instruction,
+                     "system_prompt": plan["style"].system_prompt, "max_tokens": plan["budget"],
+                     "benchmarks": per_bench, "average": macro_average(per_bench), "details": details})
+    bar.close()
+    if sampler is not None:
+        sampler.close()  # leave no engine behind (a caller may make its own next)
+        sampler = None
+        free_memory()
+    if world > 1:
+        import torch.distributed as dist
+        if dist.is_initialized():  # vLLM's close may have destroyed it already
+            dist.destroy_process_group()
+    if rank != 0:
+        return None
     settings = {"k": cfg.k, "samples": n, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                "max_tokens": max_tokens, "seed": cfg.seed, "backend": sampler.backend, "task": task_name}
-    sampler.close()  # leave no engine behind (a caller may make its own next)
-    sampler = None
-    free_memory()
+                "max_tokens": max_tokens, "seed": cfg.seed, "backend": backend, "task": task_name}
     table = write_results(cfg.out, rows, list(suites), settings)
     print("\n" + table + f"\n\nwritten to {cfg.out}/ (results.md, results.json, per-problem JSONL)")
     return rows
@@ -407,6 +640,7 @@ def parse_args(argv=None):
     check(0 < cfg.top_p <= 1, "top_p", cfg.top_p, "must be in (0, 1]")
     check(cfg.limit >= 0 and cfg.max_tokens >= 0 and cfg.workers >= 0, "limit", cfg.limit,
           "--limit, --max-tokens and --workers must be >= 0")
+    check(cfg.chunk >= 0, "chunk", cfg.chunk, "must be >= 0 (0 = about 1024 samples per process per round)")
     check(cfg.backend in ("auto", "vllm", "hf"), "backend", cfg.backend, "choose auto, vllm or hf")
     check(cfg.dtype in ("auto", "bfloat16", "float32", "float16"), "dtype", cfg.dtype, "choose auto, bfloat16, float32 or float16")
     check(0 < cfg.gpu_memory_utilization <= 1, "gpu_memory_utilization", cfg.gpu_memory_utilization, "must be in (0, 1]")

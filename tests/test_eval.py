@@ -299,6 +299,101 @@ def test_eval_cli_end_to_end_with_vllm(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# N processes (torchrun, one vLLM CPU engine per rank), resume, and settings that must not mix
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def final_files(out):
+    """{relative path: bytes} of what an evaluation leaves in `out`, its resume log aside."""
+    return {os.path.relpath(os.path.join(d, f), out): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(out) for f in files if f != "progress.jsonl"}
+
+
+@pytest.fixture(scope="module")
+def sharded_setup(tmp_path_factory):
+    """Two models of different architectures (so N processes also make a second engine), two small
+    benchmarks (3 + 4 problems), sampled at temperature 0.6; and one uninterrupted 1-process run."""
+    pytest.importorskip("vllm")
+    import tiny
+    root = tmp_path_factory.mktemp("sharded")
+    a = tiny.build_tiny_model(str(root / "a"), max_position_embeddings=256, seed=0)
+    b = tiny.build_tiny_model(str(root / "b"), hidden_size=256, num_heads=4, num_kv_heads=2,
+                              max_position_embeddings=256, seed=2)
+    suite1 = write_jsonl(root / "suite1.jsonl", [{"question": f"{i}*{i}", "answer": str(i * i)} for i in range(3)])
+    suite2 = write_jsonl(root / "suite2.jsonl", [{"question": f"{i}+{i}", "answer": str(2 * i)} for i in range(4)])
+    args = [os.path.join(ROOT, "eval.py"), "--model", a, b, "--names", "A", "B", "--benchmarks", suite1, suite2,
+            "--k", "3", "--temperature", "0.6", "--max-tokens", "6", "--backend", "vllm"]  # no --n: torchrun reads it as its own
+    proc = subprocess.run([sys.executable] + args + ["--out", str(root / "one")], env=ENV, cwd=str(root),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, args, final_files(str(root / "one"))
+
+
+def test_two_processes_give_the_one_process_results_sample_for_sample(sharded_setup):
+    """torchrun, 2 ranks, one problem per rank per round: every file equals the 1-process run's
+    (seeds by (benchmark, index), not by a problem's place in a rank's shard or call)."""
+    root, args, want = sharded_setup
+    proc = subprocess.run(TORCHRUN + args + ["--chunk", "1", "--out", str(root / "two")], env=ENV, cwd=str(root),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("resuming") == 0 and proc.stdout.count("| A | ") == 1  # rank 0 alone prints the table
+    got = final_files(str(root / "two"))
+    assert sorted(got) == sorted(want) == ["A/suite1.jsonl", "A/suite2.jsonl", "B/suite1.jsonl", "B/suite2.jsonl",
+                                           "results.json", "results.md"]
+    rows = {name: [json.loads(x) for x in got[name].decode().splitlines()] for name in got if name.endswith(".jsonl")}
+    assert [len(rows[f"A/suite{i}.jsonl"]) for i in (1, 2)] == [3, 4]
+    samples = [s for r in rows["A/suite2.jsonl"] for s in r["samples"]]
+    assert len(set(samples)) > 6  # sampled, not greedy: a seed that moved with the shard would show
+    for name in want:
+        assert got[name] == want[name], name  # samples, rewards, the table: byte for byte
+
+
+def test_a_killed_run_resumes_to_the_files_of_an_uninterrupted_run(sharded_setup):
+    """2 ranks killed (SIGKILL mid-write, test hook) after 5 saved rounds: model A done (4 rounds),
+    B 1 round (2 problems); the re-run (1 process) skips those 9 of 14, says so, and leaves the
+    uninterrupted run's files; a third run has nothing left to sample."""
+    root, args, want = sharded_setup
+    out = str(root / "killed")
+    proc = subprocess.run(TORCHRUN + args + ["--chunk", "1", "--out", out], env={**ENV, ev.KILL_AFTER_ROUNDS: "5"},
+                          cwd=str(root), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert not os.path.exists(os.path.join(out, "results.md"))
+    log = open(os.path.join(out, "B", "progress.jsonl")).read()
+    assert log.count("\n") == 2 and not log.endswith("\n")  # settings, one round, half a line
+    proc = subprocess.run([sys.executable] + args + ["--out", out], env=ENV, cwd=str(root), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming: 9 of 14 problem evaluations (27 samples) are already in" in proc.stdout
+    assert final_files(out) == want
+    saved = [json.loads(x) for x in open(os.path.join(out, "B", "progress.jsonl"))]
+    assert sum(len(line["results"]) for line in saved[1:]) == 7  # each problem once: nothing sampled twice
+    proc = subprocess.run([sys.executable] + args + ["--out", out], env=ENV, cwd=str(root), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and "resuming: 14 of 14" in proc.stdout
+    assert "sampler backend" not in proc.stdout + proc.stderr  # all done: no engine started
+    assert final_files(out) == want
+
+
+@pytest.mark.parametrize("flags,words", [(["--temperature", "0.7"], "temperature 0.6 there, 0.7 here"),
+                                         (["--n", "4"], "samples 3 there, 4 here"),
+                                         (["--k", "2"], "k 3 there, 2 here"),
+                                         (["--max-tokens", "5"], "max_tokens 6 there, 5 here"),
+                                         (["--seed", "1"], "seed 0 there, 1 here")])
+def test_other_settings_into_the_same_out_are_refused(sharded_setup, flags, words):
+    """A re-run into an --out holding results of other settings stops with one line naming them,
+    before any engine, and changes nothing there."""
+    root, args, want = sharded_setup
+    proc = subprocess.run([sys.executable] + args + flags + ["--out", str(root / "one")], env=ENV, cwd=str(root),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    error = proc.stderr.strip().splitlines()
+    assert len(error) == 1 and "holds results of other settings" in error[0] and words in error[0], proc.stderr[-2000:]
+    assert "A/progress.jsonl" in error[0] and "use another --out" in error[0]
+    assert "sampler backend" not in proc.stdout and final_files(str(root / "one")) == want
+
+
+# ----------------------------------------------------------------------------------------------
 # Plots
 def write_metrics(run, loss, steps=6, with_gate=True):
     os.makedirs(run, exist_ok=True)
