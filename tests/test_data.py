@@ -195,3 +195,16 @@ def test_the_readme_task_example(tmp_path, monkeypatch):
     rewards, lost = task.reward(["48 + 24 = 72. The answer is 72", "So 72 clips, then 7", "It costs $1,200."],
                                 [problems[0], problems[0], problems[1]])
     assert rewards == [1.0, 0.0, 1.0] and lost == 0
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_eos(tmp_path):
+    """The Llama 3 family ships no pad token: data.pad_id falls back to EOS (as the HF sampler does),
+    and the batch builds; padded positions are outside the attention and response masks."""
+    path = tiny.build_chat_model(str(tmp_path / "llama"), "llama3")
+    tok = tiny.load_tokenizer(path)
+    assert tok.pad_token_id is None and data.pad_id(tok) == tok.eos_token_id == tok.convert_tokens_to_ids("<|eot_id|>")
+    ids, attn, mask = data.pad_batch([[5, 6, 7], [8]], [[9, 10], [11]], data.pad_id(tok))
+    assert ids[1].tolist() == [8, 11, tok.eos_token_id, tok.eos_token_id, tok.eos_token_id]
+    assert attn[1].tolist() == [1, 1, 0, 0, 0] and mask[1].tolist() == [1, 0, 0, 0]
+    qwen_tok = tiny.load_tokenizer(tiny.build_chat_model(str(tmp_path / "qwen"), "qwen"))
+    assert data.pad_id(qwen_tok) == qwen_tok.pad_token_id  # a pad token, when there is one, is used

@@ -84,3 +84,17 @@ def test_command_line_builds_a_chat_model_with_the_context_asked_for(tmp_path):
     bad = subprocess.run([sys.executable, "tiny.py", "--context", "10", "--out", str(tmp_path / "x")], cwd=root,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--context 10: must be >= 64" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_llama3_stand_in_has_no_pad_token_and_ends_turns_at_eot(tmp_path):
+    """The Llama-3-style stand-in: no pad token (as the Llama 3 family ships), header-delimited turns,
+    and sampling stops at <|eot_id|> and <|end_of_text|>."""
+    import data
+    path = tiny.build_chat_model(str(tmp_path / "llama"), "llama3")
+    tok = tiny.load_tokenizer(path)
+    assert tok.pad_token is None and tok.pad_token_id is None
+    assert data.prompt_text(tok, {"question": "2+2?"}, data.PromptStyle(instruction="")) == \
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|>" \
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    assert data.end_of_turn_token(tok) == "<|eot_id|>"
+    assert data.stop_token_ids(path, tok) == sorted(tok.convert_tokens_to_ids(["<|end_of_text|>", "<|eot_id|>"]))
