@@ -349,11 +349,11 @@ def push_weights_vllm(llm, named_tensors):
     TRL also reloads the weights from disk first (vllm#29341), which matters only when a push leaves
     some parameters out (vLLM then warns "Following weights were not loaded").
     """
-    # In-process engine: the iterator is consumed lazily (no pickling, no list): this side holds one
+    # In-process engine: the iterator is consumed lazily (no pickling, no list), so this side holds one
     # tensor at a time; vLLM's layerwise reload keeps the pieces of one fused layer (q, k, v of
-    # qkv_proj) until the layer is complete.
-    weights = ((name, tensor.detach()) for name, tensor in named_tensors)
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    # qkv_proj) until the layer is complete. Tensors come without autograd (state_dict() entries,
+    # checkpoint.gathered), so they go in as they are.
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
     llm.reset_prefix_cache()
 
 
