@@ -23,6 +23,7 @@ process_isolation = forkserver
 use_git_change_detection = false
 CFG
 cd "$work"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per mutant worker: --max-children workers share the cores
 echo "mutation run in $work"
 mutmut run --max-children "${MUTATION_JOBS:-2}" || true
 mutmut results --all true > results.txt || mutmut results > results.txt

@@ -36,8 +36,8 @@ def test_import_without_vllm():
 # token_logprobs / entropy (from logits)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.6])
-@pytest.mark.parametrize("chunk", [1, 5, 16, 23, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 2.0])
+@pytest.mark.parametrize("chunk", [1, 5, 16, 23, 30, 50, 1000])  # 30, 50: whole rows, 1 and 2 per block (T = 24)
 def test_logits_path_values_and_gradients_equal_plain(chunk, temperature):
     torch.manual_seed(0)
     full = (3 * torch.randn(3, 25, 50, dtype=D)).requires_grad_(True)
@@ -81,6 +81,52 @@ def test_bf16_logits_computed_in_float32():
     assert g1.dtype == torch.bfloat16 and torch.allclose(g1.float(), g2.float(), rtol=8e-3, atol=1e-6)
 
 
+def test_bf16_gradients_at_a_temperature():
+    """bf16 logits at T = 0.7: both backward passes divide by T and build the softmax in float32, so
+    the bf16 gradient is the float32 one rounded (a bf16 softmax would be off by ~1e-1 here)."""
+    torch.manual_seed(1)
+    x = (4 * torch.randn(2, 9, 300)).bfloat16().requires_grad_(True)
+    ids, w = torch.randint(0, 300, (2, 9)), torch.randn(2, 9)
+    xf = x.detach().float().requires_grad_(True)
+    for ours, ref in ((token_logprobs(x, ids, 4, 0.7), plain(xf, ids, 0.7)[0]),
+                      (entropy(x, 4, 0.7), plain(xf, ids, 0.7)[1])):
+        g, = torch.autograd.grad((ours * w).sum(), x)
+        g_ref, = torch.autograd.grad((ref * w).sum(), xf)
+        assert g.dtype == torch.bfloat16 and torch.allclose(g.float(), g_ref, rtol=8e-3, atol=1e-6)
+
+
+class NewStorage(TorchDispatchMode):
+    """Records the size (elements) of every new tensor storage an op allocates: views and in-place
+    results share an input's storage and are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                self.sizes.append(t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("chunk", [4, 12, 20])  # T = 8: 4 tokens of a row; 1 row (8 tokens); 2 rows (16)
+def test_logits_path_temporaries_are_one_chunk(chunk):
+    """token_logprobs and entropy, forward and backward: besides the [B, T, V] gradient they must
+    return, every tensor they allocate holds at most chunk_size x V elements."""
+    B, T, V = 3, 8, 50
+    x = torch.randn(B, T, V, requires_grad=True)
+    ids = torch.randint(0, V, (B, T))
+    for fn in (lambda: token_logprobs(x, ids, chunk, 0.9), lambda: entropy(x, chunk, 0.9)):
+        with NewStorage() as rec:
+            fn().sum().backward()
+        big = [n for n in rec.sizes if n > chunk * V]
+        assert big == [B * T * V], (chunk, sorted(rec.sizes)[-3:])  # only the gradient itself
+
+
 def test_gradcheck():
     torch.manual_seed(4)
     x = torch.randn(2, 3, 5, dtype=D, requires_grad=True)
@@ -90,8 +136,14 @@ def test_gradcheck():
 
 
 def test_shape_and_setting_errors():
-    with pytest.raises(ValueError, match="ids"):
+    with pytest.raises(ValueError, match=r"ids \(2, 4\) must match logits\[:2\] \(2, 3\)"):
         token_logprobs(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"ids \(1, 3\) must match hidden\[:2\] \(1, 2\)"):
+        hidden_logprobs(torch.zeros(1, 2, 4), torch.zeros(5, 4), torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"hidden must be \[B, T, D\]"):
+        hidden_logprobs(torch.zeros(2, 4), torch.zeros(5, 4), torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="must share a dtype"):
+        hidden_logprobs(torch.zeros(1, 2, 4, dtype=torch.bfloat16), torch.zeros(5, 4), torch.zeros(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\[B, T, V\]"):
         entropy(torch.zeros(3, 5))
     with pytest.raises(ValueError, match="temperature"):
@@ -137,6 +189,8 @@ def test_hidden_logprobs_without_entropy_and_with_unused_entropy():
     ids = torch.randint(0, 9, (2, 5))
     lp, H = hidden_logprobs(hidden, weight, ids, 0.8, 3)
     assert H is None
+    default, _ = hidden_logprobs(hidden, weight, ids)                      # temperature 1 unless told
+    assert close(default, plain(hidden @ weight.T, ids)[0])
     g = torch.autograd.grad(lp.sum(), (hidden, weight))
     lp2, _ = hidden_logprobs(hidden, weight, ids, 0.8, 3, with_entropy=True)  # H computed, not used
     g2 = torch.autograd.grad(lp2.sum(), (hidden, weight))

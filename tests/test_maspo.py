@@ -416,8 +416,9 @@ def test_micro_batches_with_global_counts_equal_one_batch(agg):
     lens = [5, 2, 7, 3]
     seqs = [torch.randn(n, dtype=D).requires_grad_(True) for n in lens]   # log pi_theta per sequence
     olds = [s.detach() + 0.3 * torch.randn(n, dtype=D) for s, n in zip(seqs, lens)]
+    refs = [s.detach() - 0.5 * torch.randn(n, dtype=D) for s, n in zip(seqs, lens)]  # pi_ref for the k3 KL
     adv = torch.tensor([1.2, -0.4, 0.7, -1.1], dtype=D)
-    cfg = LossConfig(agg=agg)
+    cfg = LossConfig(agg=agg, kl_coef=0.2)  # the KL term is normalised like the policy loss
 
     def pad(xs):                                                          # pad to this batch's own T
         T = max(len(x) for x in xs)
@@ -431,7 +432,8 @@ def test_micro_batches_with_global_counts_equal_one_batch(agg):
         for idx in parts:
             logp, mask = pad([seqs[i] for i in idx])
             old, _ = pad([olds[i] for i in idx])
-            policy_loss(logp, old, adv[idx], mask, cfg, **kw)[0].backward()
+            ref, _ = pad([refs[i] for i in idx])
+            policy_loss(logp, old, adv[idx], mask, cfg, ref_logp=ref, **kw)[0].backward()
         return [s.grad.clone() for s in seqs]
 
     whole = grad_of([[0, 1, 2, 3]], norm_len=10)
@@ -482,14 +484,178 @@ def test_kl_clamp_caps_k3_at_10_and_cuts_its_gradient():
     assert math.exp(3) - 4 > 10 and abs(met["kl_ref"] - sum(k3) / 3) < 1e-12
     assert abs(loss.item() - 0.5 * sum(k3) / 3) < 1e-12
     assert close(logp.grad, [[0.0, 0.5 * (1 - math.exp(2)) / 3, 0.0]], 1e-12)
+    # |d| far past 20 (exp(800) overflows): still capped, still finite, still no gradient
+    logp = torch.zeros(1, 2, dtype=D, requires_grad=True)
+    loss, met = policy_loss(logp, logp.detach(), torch.zeros(1, dtype=D), torch.ones(1, 2, dtype=D),
+                            LossConfig(kl_coef=0.5), ref_logp=torch.tensor([[800.0, -800.0]], dtype=D))
+    loss.backward()
+    assert met["kl_ref"] == 10.0 and loss.item() == 5.0 and torch.equal(logp.grad, torch.zeros(1, 2, dtype=D))
 
 
 def test_metrics_over_response_tokens_only():
-    rho = [1.5, 0.5, 1.1, 50.0]
-    g, _, met = grads(rho, [1.0, 1.0, -1.0, 1.0], [0.5] * 4, LossConfig(loss="grpo"), mask=[1, 1, 1, 0])
+    rho = [1.5, 0.5, 1.1, 50.0, 0.01]                                     # the last two are padding
+    g, _, met = grads(rho, [1.0, 1.0, -1.0, 1.0, 1.0], [0.5] * 5, LossConfig(loss="grpo"), mask=[1, 1, 1, 0, 0])
     live = rho[:3]
     assert met["ratio_min"] == pytest.approx(0.5) and met["ratio_max"] == pytest.approx(1.5)
     assert met["approx_kl"] == pytest.approx(sum(r - 1 - math.log(r) for r in live) / 3)
     assert met["ratio_dev_mean"] == pytest.approx((0.5 + 0.5 + 0.1) / 3)
     assert met["ratio_dev_frac"] == pytest.approx(2 / 3) and met["gate_low_frac"] == pytest.approx(1 / 3)
-    assert met["m_mean"] == 0.0 and g[3].item() == 0.0
+    assert met["m_mean"] == 0.0 and g[3].item() == g[4].item() == 0.0
+
+# ---------------------------------------------------------------------------------------------
+# Edge cases: A = 0, bounds hit exactly, clamps from their other side, settings, empty masks, dtypes
+
+
+def test_group_advantages_accept_integer_rewards_and_refuse_bad_shapes():
+    ints = maspo.group_advantages(torch.tensor([1, 0, 0, 1, 1, 1, 1, 0]), 4)   # int64 rewards: no truncation
+    assert ints.dtype == torch.float32
+    assert torch.allclose(ints, maspo.group_advantages(torch.tensor([1.0, 0, 0, 1, 1, 1, 1, 0]), 4))
+    assert abs(ints[0].item() - 0.5 / (math.sqrt(1 / 3) + 1e-6)) < 1e-6
+    with pytest.raises(ValueError, match="1-D"):
+        maspo.group_advantages(torch.zeros(2, 4), 4)                      # [prompts, G] is not accepted
+    with pytest.raises(ValueError, match="group_size=0"):
+        maspo.group_advantages(torch.zeros(4), 0)
+
+
+def test_set_clip_bounds_override_the_objective_defaults():
+    """clip_low / clip_high set by the user reach the loss (resolve fills only what is None)."""
+    rho, A = [0.75, 1.25], [-1.0, 1.0]
+    g, _, _ = grads(rho, A, [0.5, 0.5], LossConfig(loss="grpo"))         # 0.75 < 0.8 and 1.25 > 1.2: both cut
+    assert close(g, [0.0, 0.0])
+    g, _, _ = grads(rho, A, [0.5, 0.5], LossConfig(loss="grpo", clip_low=0.3, clip_high=0.3))
+    assert close(g, [0.75 / 2, -1.25 / 2])
+
+
+def test_clamps_bind_from_their_other_side():
+    """m >= sigma_base binds for alpha < 0 (p_old^-alpha < 1); k_pos >= adv_low binds for adv_low > 1;
+    k_neg <= adv_high binds for adv_high < 1 (k_neg = 1 / (1 + beta |A|) < 1)."""
+    *_, met = grads([2.0], [1.0], [0.01], LossConfig(alpha=-0.5, sigma_base=2.0))
+    assert met["m_mean"] == 2.0                                           # unclamped: 2 * 0.01^0.5 = 0.2
+    assert abs(met["gate_mean"] - math.exp(-1 / (2 * (2 * 1.03) ** 2))) < 1e-12
+    *_, met = grads([2.0], [1.0], [1.0], LossConfig(adv_low=1.5))        # k_pos = max(1.03, 1.5)
+    assert abs(met["gate_mean"] - math.exp(-1 / (2 * 1.5 ** 2))) < 1e-12
+    *_, met = grads([0.5], [-1.0], [1.0], LossConfig(adv_low=0.1, adv_high=0.5))  # k_neg = min(1 / 1.03, 0.5)
+    assert abs(met["gate_mean"] - math.exp(-0.25 / (2 * 0.5 ** 2))) < 1e-12
+
+
+@pytest.mark.parametrize("name", sorted(maspo.LOSSES))
+def test_zero_advantage_tokens_get_no_gradient_and_no_gate(name):
+    """A = 0 (a group with equal rewards): no gradient at any ratio, and the gate metric reads
+    "ungated" (F = 1; SAPO: sech^2(tau (rho - 1) / 2) with tau_neg, its tau for A <= 0). BAPO with
+    no signal at all keeps its starting bounds (no negative contribution counts as reached)."""
+    rho = [0.3, 0.7, 1.0, 1.5, 4.0]
+    g, loss, met = grads(rho, [0.0] * 5, [0.5, 0.01, 0.9, 0.5, 0.2], LossConfig(loss=name))
+    assert close(g, [0.0] * 5) and loss == 0.0
+    F = [1 / math.cosh(1.05 * (r - 1) / 2) ** 2 for r in rho] if name == "sapo" else [1.0] * 5
+    assert abs(met["gate_mean"] - sum(F) / 5) < 1e-12
+    assert met["gate_low_frac"] == pytest.approx(sum(f < 0.5 for f in F) / 5)
+    if name == "bapo":
+        assert (met["bapo_c_low"], met["bapo_c_high"]) == pytest.approx((0.6, 1.2))
+
+
+@pytest.mark.parametrize("name", ["grpo", "clip_higher", "dac", "bapo"])
+def test_clip_gate_is_one_exactly_where_the_gradient_survives(name):
+    """F of the clip objectives is the indicator "this token's gradient survives", checked against
+    autograd, with ratios exactly on the bounds (a bound itself keeps its gradient: torch.clamp and
+    the min are inclusive) and small |A| on both sides of 1."""
+    cfg = maspo.resolve(LossConfig(loss=name))
+    lo, hi = (0.8, 1.2) if name != "clip_higher" else (0.8, 1.28)
+    rho = torch.tensor([0.5, lo, 0.9, 1.0, hi, 2.0, 3.0, 3.5] * 4, dtype=D, requires_grad=True)
+    A = torch.tensor([a for a in (-2.0, -0.5, 0.5, 2.0) for _ in range(8)], dtype=D)
+    p_old, mask = torch.full_like(A, 0.5), torch.ones_like(A)
+    kw = {"bounds": torch.tensor([lo, hi], dtype=D)} if name == "bapo" else {}
+    loss_t, F, _ = maspo.LOSSES[name](rho, A, p_old, mask, cfg, **kw)
+    loss_t.sum().backward()
+    assert torch.equal(F, (rho.grad != 0).to(D))
+    if name == "grpo":  # the bounds and c themselves keep their gradient
+        assert F[8:16].tolist() == [0, 1, 1, 1, 1, 1, 1, 0] and F[16:24].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
+
+
+def test_dual_clip_must_exceed_one_and_binds_where_set():
+    with pytest.raises(ValueError, match="clip_c"):
+        grads([1.0], [-1.0], [0.5], LossConfig(loss="grpo", clip_c=1.0))
+    g, _, _ = grads([1.4, 1.6], [-1.0, -1.0], [0.5, 0.5], LossConfig(loss="grpo", clip_c=1.5))
+    assert close(g, [1.4 / 2, 0.0])                                      # rho > c = 1.5: dual-clipped
+
+
+def test_dac_metrics_are_the_mean_bounds_over_response_tokens():
+    q = [0.9, 0.1, 0.01]
+    *_, met = grads([1.0] * 4, [1.0] * 4, q + [1e-4], LossConfig(loss="dac"), mask=[1, 1, 1, 0])  # last: padding
+    r_low = [0.5 + 0.5 * math.sqrt(max(1 - 4 * 0.16 / x, 0)) for x in q]
+    r_high = [min(0.5 + 0.5 * math.sqrt(1 + 4 * 0.2 / x), 10.0) for x in q]
+    assert abs(met["dac_r_low_mean"] - sum(r_low) / 3) < 1e-12
+    assert abs(met["dac_r_high_mean"] - sum(r_high) / 3) < 1e-12
+
+
+def test_bapo_path_is_the_authors_grid():
+    """c_low from a^- = 0.6 to b^- = 0.9 in steps of 0.05 at c_high = a^+ = 1.2, then c_high from
+    1.25 to b^+ = 3.0 in steps of 0.05 at c_low = 0.9: 7 + 36 candidates, each once."""
+    expected = [(round(0.6 + 0.05 * k, 9), 1.2) for k in range(7)] + [(0.9, round(1.2 + 0.05 * k, 9)) for k in range(1, 37)]
+    assert maspo.bapo_path().tolist() == [list(x) for x in expected]
+
+
+def test_bapo_stats_take_per_sequence_or_per_token_advantages():
+    rho = [[2.0, 0.7, 0.8], [1.02, 1.5, 0.4]]
+    old = torch.full((2, 3), 0.5, dtype=D).log()
+    logp, mask = old + torch.tensor(rho, dtype=D).log(), torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=D)
+    adv = torch.tensor([1.0, -0.5], dtype=D)
+    per_seq = maspo.bapo_stats(logp, old, adv, mask)
+    assert torch.allclose(per_seq, maspo.bapo_stats(logp, old, adv[:, None].expand(2, 3), mask), atol=1e-12)
+    assert close(per_seq[0], [1.2 + 0.7, 0.5 * (1.02 + 1.5 + 0.6)], 1e-12)  # at (0.6, 1.2)
+
+
+def test_bapo_pick_is_scale_free_and_follows_the_authors_threshold():
+    """The pick compares positive / (negative + 1e-8) with rho_0: it does not depend on the scale of
+    A (down to the 1e-8), and as in the authors' loop (`while value < rho_0`) a value of exactly
+    rho_0 counts as reached, one just below it (the + 1e-8) does not."""
+    rho, A = [2.0, 0.7, 0.8, 1.02], [1.0, -1.0, -1.0, -1.0]
+    for scale in (1e-3, 1.0, 1e3):
+        bounds = maspo.bapo_pick(maspo.bapo_stats(*bapo_inputs(rho, [a * scale for a in A])))
+        assert close(bounds, [0.9, 1.45], 1e-12), scale
+    for A in ([0.5, -1.0], [0.5, -(1 - 1e-8)]):                           # 0.5 / (1 + 1e-8) < 0.5; 0.5 / 1 = 0.5
+        bounds = maspo.bapo_pick(maspo.bapo_stats(*bapo_inputs([1.0, 1.0], A)))
+        assert tuple(bounds.tolist()) == pytest.approx(official_bapo([1.0, 1.0], A, [1, 1]))
+    assert official_bapo([1.0, 1.0], [0.5, -1.0], [1, 1]) == pytest.approx((0.9, 3.0))
+    assert official_bapo([1.0, 1.0], [0.5, -(1 - 1e-8)], [1, 1]) == pytest.approx((0.6, 1.2))
+
+
+def test_input_errors_name_what_is_wrong():
+    z = torch.zeros(2, 3)
+    for logp, old, mask in ((z, torch.zeros(2, 4), z), (z, z, torch.ones(3, 3)), (torch.zeros(3), torch.zeros(3), torch.ones(3))):
+        with pytest.raises(ValueError, match=r"must all be \[B, T\]; got"):
+            policy_loss(logp, old, torch.zeros(logp.shape[0]), mask, LossConfig())
+    with pytest.raises(ValueError, match="unknown agg 'mean'"):
+        maspo.aggregate(z, torch.ones(2, 3), "mean")
+    for name in ("num_tokens", "num_seqs"):
+        with pytest.raises(ValueError, match=f"{name} must be > 0"):
+            policy_loss(z, z, torch.zeros(2), torch.ones(2, 3), LossConfig(), **{name: 0})
+    # a rank's share of the global count may be fractional (1 token over 2 ranks: 0.5)
+    loss, _ = policy_loss(z, z, torch.ones(2), torch.ones(2, 3), LossConfig(loss="grpo"), num_tokens=0.5)
+    assert loss.item() == pytest.approx(-6 / 0.5)
+
+
+def test_no_response_tokens_give_zero_loss_and_neutral_metrics():
+    """A micro-batch whose mask is all 0 (an empty or fully truncated share): loss 0, no gradient, the
+    ratio metrics neutral (1.0), and BAPO's bounds reported as given."""
+    logp = torch.tensor([[0.3, -0.2]], dtype=D, requires_grad=True)
+    bounds = torch.tensor([0.75, 1.6], dtype=D)
+    loss, met = policy_loss(logp, torch.zeros(1, 2, dtype=D), torch.ones(1, dtype=D), torch.zeros(1, 2, dtype=D),
+                            LossConfig(loss="bapo"), bapo_bounds=bounds)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logp.grad, torch.zeros(1, 2, dtype=D))
+    assert met["ratio_min"] == met["ratio_max"] == 1.0 and met["gate_mean"] == 0.0
+    assert (met["bapo_c_low"], met["bapo_c_high"]) == (0.75, 1.6)
+
+
+def test_float32_log_probs_with_float64_advantages_and_mask():
+    """The trainer's dtypes: float32 log-probs; advantages, mask and BAPO's bounds may come as
+    float64. The loss stays in the log-probs' dtype and equals the float64 computation."""
+    torch.manual_seed(11)
+    logp64, old64 = torch.randn(3, 5, dtype=D), torch.randn(3, 5, dtype=D)
+    adv, mask = torch.tensor([1.3, -0.6, 0.2], dtype=D), (torch.rand(3, 5) > 0.3).to(D)
+    for name in ("maspo", "bapo"):
+        kw = {"bapo_bounds": torch.tensor([0.8, 1.3], dtype=D)} if name == "bapo" else {}
+        loss32, _ = policy_loss(logp64.float(), old64.float(), adv, mask, LossConfig(loss=name), **kw)
+        loss64, _ = policy_loss(logp64.float().double(), old64.float().double(), adv.float().double(), mask,
+                                LossConfig(loss=name), **kw)
+        assert loss32.dtype == torch.float32 and abs(loss32.item() - loss64.item()) < 1e-5, name
