@@ -31,6 +31,9 @@ layers of the real model the same extra matmul is about 1/20 of the update.
 Run:  python bench/update.py                    (a few minutes on 2 CPU cores, peak ~14 GB)
       python bench/update.py --grad-checkpointing   (as train.py runs real models)
       python bench/update.py --B 2 --T 512      (smaller, quicker)
+      python bench/update.py --vocab 32000 --hidden 512 --intermediate 2048 --heads 8   (another shape)
+It ends with plan.py's training-phase figure (weights + AdamW + the update's peak) beside the fused
+path's measured one (resident size above the bare runtime + the peak above that).
 """
 import argparse
 import json
@@ -56,6 +59,27 @@ def reset_high_water():
     return high_water_mib()
 
 
+def shape(args):
+    """SHAPE with the flags' overrides (smaller widths for quick runs)."""
+    out = dict(SHAPE)
+    for flag, key in (("vocab", "vocab_size"), ("hidden", "hidden_size"), ("intermediate", "intermediate_size"),
+                      ("heads", "num_attention_heads"), ("kv_heads", "num_key_value_heads")):
+        if getattr(args, flag):
+            out[key] = getattr(args, flag)
+    return out
+
+
+def planned(result, args):
+    """plan.py's training-phase figure for this child's run (one process, no FSDP, float32, CPU AdamW):
+    (weights + AdamW state, the peak above them), in MiB."""
+    sys.path.insert(0, ROOT)
+    import plan
+    a = plan.architecture(result["config"])
+    t = plan.train_phase(a, args.B * args.T, 4, args.grad_checkpointing, world=1, fsdp=False, fused=False,
+                         chunk=args.chunk_size)
+    return t["resident"] / 2**20, t["above"] / 2**20
+
+
 def child(args):
     """Build model, optimizer state and data; run one update the `args.path` way; print JSON."""
     sys.path.insert(0, ROOT)
@@ -65,8 +89,9 @@ def child(args):
     import logprobs
     import maspo
 
+    runtime = high_water_mib()  # the process before the model: interpreter, torch, transformers
     torch.manual_seed(0)
-    config = Qwen2Config(num_hidden_layers=args.layers, max_position_embeddings=max(args.T, 2048), **SHAPE)
+    config = Qwen2Config(num_hidden_layers=args.layers, max_position_embeddings=max(args.T, 2048), **shape(args))
     model = Qwen2ForCausalLM(config)                                      # float32, tied lm_head
     assert model.lm_head.weight is model.model.embed_tokens.weight
     if args.grad_checkpointing:  # train.py's default for real models: layer activations recomputed in backward
@@ -78,7 +103,7 @@ def child(args):
     # Fixed data: token ids [B, T], a ragged response mask over the T-1 next-token positions, old
     # log-probs near this random model's (about -log V) so that rho spreads around 1, advantages.
     g = torch.Generator().manual_seed(1)
-    V, B, T = SHAPE["vocab_size"], args.B, args.T
+    V, B, T = config.vocab_size, args.B, args.T
     ids = torch.randint(0, V, (B, T), generator=g)                        # [B, T]
     pos = torch.arange(T - 1)
     prompt = T // 4
@@ -119,7 +144,8 @@ def child(args):
                       "baseline_mib": baseline, "built_high_water_mib": built_high_water,
                       "ru_maxrss_mib": max(built_high_water, high_water_mib()),
                       "peak_above_mib": high_water_mib() - baseline, "fb_peak_above_mib": forward_backward_peak,
-                      "params": sum(p.numel() for p in model.parameters())}))
+                      "params": sum(p.numel() for p in model.parameters()), "runtime_mib": runtime,
+                      "config": config.to_dict()}))
 
 
 def main():
@@ -129,20 +155,29 @@ def main():
     p.add_argument("--T", type=int, default=1024, help="tokens per sequence (default 1024)")
     p.add_argument("--chunk-size", type=int, default=512, help="tokens per chunk of hidden_logprobs (default 512)")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in both paths")
+    p.add_argument("--vocab", type=int, help="vocabulary size (default 151,936)")
+    p.add_argument("--hidden", type=int, help="hidden size (default 1,536)")
+    p.add_argument("--intermediate", type=int, help="MLP width (default 8,960)")
+    p.add_argument("--heads", type=int, help="attention heads (default 12)")
+    p.add_argument("--kv-heads", type=int, help="KV heads (default 2)")
     p.add_argument("--path", choices=["today", "fused"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.path:
         return child(args)
 
     load_before = os.getloadavg()
-    print(f"Qwen2 {args.layers} layers at the 1.5B shape, B x T = {args.B} x {args.T}, V = {SHAPE['vocab_size']}, "
+    dims = shape(args)
+    print(f"Qwen2 {args.layers} layers, hidden {dims['hidden_size']}, MLP {dims['intermediate_size']}, B x T = "
+          f"{args.B} x {args.T}, V = {dims['vocab_size']}, "
           f"chunk_size {args.chunk_size}, activation checkpointing {args.grad_checkpointing}, {os.cpu_count()} CPUs, "
           f"load average before {load_before[0]:.2f}")
     results = {}
     for path in ("today", "fused"):
         cmd = [sys.executable, os.path.abspath(__file__), "--path", path, "--layers", str(args.layers),
                "--B", str(args.B), "--T", str(args.T), "--chunk-size", str(args.chunk_size)] + \
-            (["--grad-checkpointing"] if args.grad_checkpointing else [])
+            (["--grad-checkpointing"] if args.grad_checkpointing else []) + \
+            [x for flag in ("vocab", "hidden", "intermediate", "heads", "kv_heads") if getattr(args, flag)
+             for x in (f"--{flag.replace('_', '-')}", str(getattr(args, flag)))]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"{path} failed:\n{out.stderr}")
@@ -166,6 +201,14 @@ def main():
     verdict = "met" if mem <= 0.3 and speed <= 1.1 else "NOT met"
     print(f"target (peak above baseline <= 0.3x at time <= 1.1x): {verdict} ({mem:.2f}x memory, {speed:.2f}x time; "
           f"forward + backward alone {fused['fb_peak_above_mib'] / today['fb_peak_above_mib']:.2f}x memory)")
+    resident, above = planned(fused, args)
+    measured = fused["baseline_mib"] - fused["runtime_mib"] + fused["peak_above_mib"]
+    print(f"plan.py, training phase of the fused path: {resident + above:.0f} MiB (weights + AdamW {resident:.0f}, "
+          f"peak above them {above:.0f}); measured {measured:.0f} MiB (resident {fused['baseline_mib'] - fused['runtime_mib']:.0f}"
+          f" above the {fused['runtime_mib']:.0f} MiB runtime, peak above it {fused['peak_above_mib']:.0f}): "
+          f"plan / measured {(resident + above) / measured:.2f} (above the state alone: {above / fused['peak_above_mib']:.2f})")
+    print("JSON " + json.dumps({"plan_mib": resident + above, "measured_mib": measured, "plan_above_mib": above,
+                                "measured_above_mib": fused["peak_above_mib"]}))
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
 
 

@@ -12,7 +12,8 @@ MODE
   resume   checkpoint.load(latest(OUT)), then the steps after it up to STEPS; DUMP.pt: the state right
            after the load and after every step; DUMP.reads_rankR.json: every piece of the trainer state
            each rank read (file, entry, bytes), recorded by wrapping DCP's FileSystemReader.read_data
-  fail     as train, but rank 1's DCP write raises OSError at step 2 (a planted full disk)
+  fail     as train, but rank 1's DCP write raises OSError at step 2 (a planted full disk: DCP reports it on
+           every rank), and at step 3 rank 1's own RNG file fails (only rank 1 knows)
   hang     as train, but at step 2 the export stops half-way (after the trainer state was written) and
            waits: the test SIGKILLs the process there
 """
@@ -90,6 +91,13 @@ def plant(mode, rank, out):
                 raise OSError(28, "No space left on device (planted)")
             return real(self, plan, planner)
         FileSystemWriter.write_data = write_data
+        real_save = torch.save
+
+        def save(obj, path, *args, **kwargs):  # step 3: a write of rank 1 alone fails (its RNG file)
+            if "step_000003" in str(path):
+                raise OSError(28, "No space left on device (planted, rank 1 only)")
+            return real_save(obj, path, *args, **kwargs)
+        checkpoint.torch.save = save
     if mode == "hang":
         real_export = checkpoint.write_hf_export
 

@@ -1,6 +1,7 @@
 """bench/gpu_check.py at toy size on the CPU, so the GPU check cannot rot between GPU sessions: the
-3 train.py steps in bf16 complete and the four timed updates (fused / unfused log-probs, with and
-without activation checkpointing) run through train.update_policy and agree on the gradient.
+3 train.py steps in bf16 complete (every sample at the fixed response length) and the four timed
+updates (fused / unfused log-probs, with and without activation checkpointing) run through
+train.update_policy, agree on the gradient and carry plan.py's prediction beside their phases.
 What it buys (~1 min): the script a GPU session runs as its one shot still works."""
 import json
 import os
@@ -23,4 +24,10 @@ def test_gpu_check_runs_at_toy_size(tmp_path):
     assert all(u["tokens"] == 2 * 256 and u["tokens_per_s"] > 0 for u in updates)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["updates"] == 2 for r in rows)
-    assert os.path.exists(tmp_path / "run" / "checkpoints" / "step_000003" / "trainer_state.pt")
+    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "step_000003")
+    # a short response limit that most samples reach (a random model rarely hits a stop token)
+    assert all(r["response_len"] <= 64 and r["truncated_frac"] > 0.5 for r in rows)
+    for u in updates:  # each phase measured (NaN on CPU), and plan.py's prediction beside the fused path's
+        assert set(u["peak_gib"]) == {"old_logp", "update", "sync"}
+        assert set(u["plan_gib"]) == ({"update", "sync"} if u["path"] == "fused" else set())
+        assert all(v > 0 for v in u["plan_gib"].values())

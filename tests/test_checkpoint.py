@@ -162,12 +162,15 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint_usable(runs, tmp_
 
 
 def test_a_failed_save_is_reported_and_training_goes_on(runs, tmp_path):
-    """Rank 1's write of step 2's trainer state fails (a planted full disk): save returns False on BOTH
-    ranks (they must agree: the run's last save is an error), the message names the step, nothing of
-    step 2 remains, step 1 stays the latest until step 3 saves normally."""
+    """Rank 1's write of step 2's trainer state fails (a planted full disk, inside DCP), then at step 3
+    rank 1's own RNG file (a failure only rank 1 sees): each time save returns False on BOTH ranks
+    (they must agree: a failed final save is an error), the message names the step, nothing of the
+    step remains, and step 1 stays the latest until step 4 saves normally."""
     _, model_dir, _ = runs
-    proc = script("fail", model_dir, tmp_path / "run", tmp_path / "fail", 3, "1,2,3")
+    proc = script("fail", model_dir, tmp_path / "run", tmp_path / "fail", 4, "1,2,3,4")
     oks = [json.load(open(tmp_path / f"fail.oks_rank{r}.json")) for r in (0, 1)]
-    assert oks[0] == oks[1] == {"1": True, "2": False, "3": True}
-    assert "checkpoint step 2 NOT saved" in proc.stdout + proc.stderr and "No space left" in proc.stdout + proc.stderr
-    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step_000001", "step_000003"]
+    assert oks[0] == oks[1] == {"1": True, "2": False, "3": False, "4": True}
+    console = proc.stdout + proc.stderr
+    assert "checkpoint step 2 NOT saved" in console and "checkpoint step 3 NOT saved (rank 1)" in console
+    assert "No space left" in console
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step_000001", "step_000004"]
