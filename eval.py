@@ -19,14 +19,30 @@ Run it
       python eval.py --model runs/maspo --benchmarks aime24 math500 my_problems.jsonl
   training curves of several runs overlaid (PNG; needs matplotlib)
       python eval.py --plot runs/maspo runs/grpo --out curves.png
-  N GPUs: one process per benchmark (CUDA_VISIBLE_DEVICES=i python eval.py ... --out out/i).
+  N GPUs on one node: the same command under torchrun, one engine per GPU
+      torchrun --nproc_per_node 8 eval.py --model runs/maspo runs/grpo --max-tokens 8192
 Writes to --out: results.md (the table), results.json (the same numbers), and per model one JSONL
 per benchmark with every problem's samples, extracted answers and rewards (to read the failures).
+
+N processes: every rank runs its own engine on a round-robin share of each model's problems (an
+even share of the samples, of every benchmark), rank 0 gathers the results and writes the files one
+process would write, the same bytes: each problem is seeded by its identity, problem_seed(seed,
+(benchmark, index)), never by its place in a shard or a sampler call. Resume: after each round (--chunk
+problems per rank) rank 0 appends the round's per-problem results to <out>/<model>/progress.jsonl,
+whose first line holds the settings that made them; the same command into the same --out skips what
+is there (and says how much), and refuses, in one line, a file of other settings (model, k, n,
+temperature, top_p, max tokens, seed, task, prompt, backend, dtype). A line cut short by a kill is
+dropped. One bar on rank 0 counts the samples of the whole job, with tokens/s and the time left.
+Checked on CPU (tests/test_eval.py: 2 ranks give the 1-process files byte for byte). On GPUs vLLM's
+kernels depend on the batch a request shares, so 1 and N processes agree in distribution but not
+bit for bit unless vLLM runs batch-invariant (VLLM_BATCH_INVARIANT=1, slower). torchrun's own parser
+takes `--n` for one of its options: under torchrun set n in a --config JSON file.
 
 Several checkpoints in one call share one sampler: when a checkpoint has the same architecture
 and vocabulary as the previous one, its weights are pushed into the live engine
 (`sampler.load_weights`, as training does after each step); otherwise the engine is released and
-a new one made. This keeps a single vLLM engine alive per process (what vLLM's CPU build needs).
+a new one made (under torchrun the process group too, which vLLM's shutdown destroys: rejoin). This
+keeps a single vLLM engine alive per process (what vLLM's CPU build needs).
 """
 import datetime
 import gc
@@ -69,7 +85,7 @@ class EvalConfig:
     out: str = "out/eval"  # output folder (with --plot: a .png file, or a folder for curves.png)
     backend: str = "auto"  # sampler: auto (vLLM if importable) | vllm | hf
     dtype: str = "auto"  # sampler weights: auto = bfloat16 on GPU, float32 on CPU
-    gpu_memory_utilization: float = 0.9  # share of GPU memory for vLLM: eval.py has its GPU to itself (train.py shares it with the trainer: 0.4)
+    gpu_memory_utilization: float = 0.9  # share of GPU memory for vLLM: the GPU is eval's alone (train.py's 0.4 leaves room for training)
     chunk: int = 0  # problems per process per round: results are saved to --out after each round (0 = ~1024 samples' worth)
     workers: int = 0  # verifier processes of the math task (0 = verify.py's default); other tasks ignore it
     seed: int = 0  # sampling seed (the same for every model, so runs compare on equal terms)
