@@ -96,7 +96,7 @@ def activations(a, tokens, b, checkpointing):
     """Bytes autograd keeps for the backward of `tokens` tokens (forward done, backward not begun),
     and the extra of the recomputed layer (checkpointing: one layer's full activations at a time)."""
     layer = tokens * (b * (8 * a["D"] + 4 * a["I"] + 2 * a["KV"] * a["hd"]) + (4 * a["D"] if b < 4 else 0))
-    outside = tokens * (b * 2 * a["D"] + (4 * a["D"] if b < 4 else 0))  # embedding output, final norm
+    outside = tokens * (b * 2 * a["D"] + (2 * a["D"] if b < 4 else 0))  # embedding output, final norm
     if checkpointing:
         return a["L"] * tokens * b * a["D"] + outside, layer
     return a["L"] * layer + outside, 0
@@ -174,28 +174,32 @@ def plan(cfg, config, world=1, gpu_gib=80.0, bf16=True, on_gpu=True):
 def advice(a, cfg, train, v, phases, usable, gpu, world, b, on_gpu):
     """What to change, one line each: phases that do not fit, and sampling in waves."""
     lines = []
+    train_fixed = CUDA_CONTEXT + VLLM_ASLEEP
+    least = (v["weights"] + VLLM_OVERHEAD + v["kv_per_token"] * v["seq"]) / gpu  # vLLM with room for one sequence
+
+    def fits(w):  # the update fits, and what the trainer keeps while sampling leaves vLLM its least share
+        t = train_phase(a, cfg["micro_batch_tokens"], b, cfg["grad_checkpointing"], w, fused=on_gpu)
+        return train_fixed + t["peak"] <= usable and (usable - CUDA_CONTEXT - t["resident"]) / gpu >= least
+
+    most = (usable - CUDA_CONTEXT - train["resident"]) / gpu  # the largest share the trainer's resident state leaves
+    more = next((w for w in range(world + 1, 4097) if fits(w)), None)
     if phases["train"] > usable:
-        fixed = CUDA_CONTEXT + VLLM_ASLEEP + train["resident"]
         per_token = max(train["above"] / cfg["micro_batch_tokens"], 1)
-        fits = int((usable - fixed) / per_token) // 1024 * 1024
+        budget = int((usable - train_fixed - train["resident"]) / per_token) // 1024 * 1024
         if not cfg["grad_checkpointing"]:
             lines.append("train: turn on --grad-checkpointing (activations of each layer recomputed in backward)")
-        if fits >= cfg["max_prompt_tokens"] + cfg["max_response_tokens"]:
-            lines.append(f"train: lower --micro-batch-tokens to {fits} or less (the loss is the same token-mean)")
-        else:
-            need = next((w for w in range(world + 1, 1025) if CUDA_CONTEXT + VLLM_ASLEEP + train_phase(
-                a, cfg["micro_batch_tokens"], b, cfg["grad_checkpointing"], w, fused=on_gpu)["peak"] <= usable), None)
-            lines.append(f"train: more GPUs (FSDP shards the state): {need or 'over 1024'} processes, or lower "
-                         "--max-response-tokens")
-    if phases["sample"] > usable or phases["sync"] > usable:
-        most = (usable - CUDA_CONTEXT - train["resident"]) / gpu
-        lines.append(f"sample: lower --gpu-memory-utilization to {max(most, 0):.2f} (what the trainer's resident "
-                     "state leaves of the card)")
-    if v["kv"] <= 0:
-        lines.append(f"vLLM: its share holds no KV cache after its weights: raise --gpu-memory-utilization above "
-                     f"{(v['weights'] + VLLM_OVERHEAD) / gpu:.2f}")
+        if budget >= cfg["max_prompt_tokens"] + cfg["max_response_tokens"]:
+            lines.append(f"train: lower --micro-batch-tokens to {budget} or less (the loss is the same token-mean)")
+    if most < least or (phases["train"] > usable and not lines):
+        lines.append(f"more GPUs: {more or 'over 4096'} processes (FSDP shards the training state; each rank then "
+                     f"keeps less of it while vLLM samples)")
+    elif phases["sample"] > usable or phases["sync"] > usable:
+        lines.append(f"sample: lower --gpu-memory-utilization to {most:.2f} (what the trainer's resident state "
+                     "leaves of the card)")
+    elif v["share"] < least * gpu:
+        lines.append(f"vLLM: its share holds no sequence at the response limit: raise --gpu-memory-utilization to "
+                     f"{least:.2f}-{most:.2f}")
     elif v["at_once"] < v["wanted"]:
-        most = (usable - CUDA_CONTEXT - train["resident"]) / gpu
         lines.append(f"vLLM: {v['at_once']} of this rank's {v['wanted']} sequences fit at once at the response limit "
                      f"({v['waves']} waves if all ran that long); --gpu-memory-utilization can go up to {most:.2f}")
     return lines
@@ -225,8 +229,9 @@ def report(cfg, p, b):
         verdict = "fits" if p["phases"][name] <= p["usable"] else "DOES NOT FIT"
         lines.append(f"  {name:6s} {g(p['phases'][name])}  {verdict:12s} ({what})")
     lines.append("host RAM: " + " | ".join(f"{k} {g(x).strip()}" for k, x in p["host"].items()))
-    usable = f"{p['usable'] / GIB:.0f} GiB usable of {p['gpu'] / GIB:.0f}"
-    lines.append(f"verdict: {'fits' if not p['advice'] else 'see below'} ({usable})")
+    fits = all(x <= p["usable"] for x in p["phases"].values())
+    lines.append(f"verdict: {'fits' if fits else 'DOES NOT FIT'} in {p['usable'] / GIB:.0f} GiB per GPU (of "
+                 f"{p['gpu'] / GIB:.0f}; {100 * HEADROOM:.0f}% kept free){'; to change:' if not fits else ''}")
     lines += ["  " + x for x in p["advice"]]
     return "\n".join(lines)
 

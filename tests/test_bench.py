@@ -31,3 +31,15 @@ def test_gpu_check_runs_at_toy_size(tmp_path):
         assert set(u["peak_gib"]) == {"old_logp", "update", "sync"}
         assert set(u["plan_gib"]) == ({"update", "sync"} if u["path"] == "fused" else set())
         assert all(v > 0 for v in u["plan_gib"].values())
+
+
+def test_update_bench_prints_the_plan_beside_the_measurement():
+    """bench/update.py at a toy shape: both paths run and agree, and plan.py's training-phase figure is
+    printed beside the measured one (the comparison itself is read from the full-size runs, README)."""
+    proc = subprocess.run([sys.executable, "bench/update.py", "--vocab", "2048", "--hidden", "128", "--intermediate",
+                           "256", "--heads", "2", "--kv-heads", "1", "--B", "2", "--T", "64"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ": same" in proc.stdout and "plan.py, training phase of the fused path" in proc.stdout
+    result = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("JSON "))[5:])
+    assert result["plan_mib"] > result["plan_above_mib"] > 0 and result["measured_mib"] > 0
