@@ -79,12 +79,6 @@ def test_each_rank_writes_and_reads_only_its_own_shard(runs):
     stores once (AdamW's one-number step counters, the param-group hyper-parameters); recorded by
     wrapping FileSystemReader.read_data."""
     root, _, _ = runs
-    from torch.distributed.checkpoint import FileSystemReader
-    meta = FileSystemReader(root / "b" / "checkpoints" / "step_000002" / "trainer").read_metadata()
-    sharded = {fqn: md for fqn, md in meta.state_dict_metadata.items() if hasattr(md, "chunks") and md.size.numel() > 1}
-    assert len(sharded) > 20 and any(".exp_avg_sq" in fqn for fqn in sharded)
-    for fqn, md in sharded.items():
-        assert len(md.chunks) == 2 and all(c.sizes[0] < md.size[0] for c in md.chunks), fqn
     for rank in (0, 1):
         reads = json.load(open(root / f"b.reads_rank{rank}.json"))
         own = [r for r in reads if r["file"] == f"__{rank}_0.distcp"]
@@ -96,6 +90,12 @@ def test_each_rank_writes_and_reads_only_its_own_shard(runs):
         # what a rank reads from its own file is its whole file's worth: it holds its shard, no more
         size = os.path.getsize(root / "b" / "checkpoints" / "step_000002" / "trainer" / f"__{rank}_0.distcp")
         assert 0.9 * size < sum(r["bytes"] for r in own) <= size
+    from torch.distributed.checkpoint import FileSystemReader
+    meta = FileSystemReader(root / "b" / "checkpoints" / "step_000002" / "trainer").read_metadata()
+    sharded = {fqn: md for fqn, md in meta.state_dict_metadata.items() if hasattr(md, "chunks") and md.size.numel() > 1}
+    assert len(sharded) > 20 and any(".exp_avg_sq" in fqn for fqn in sharded)
+    for fqn, md in sharded.items():
+        assert len(md.chunks) == 2 and all(c.sizes[0] < md.size[0] for c in md.chunks), fqn
 
 
 def test_hf_export_loads_in_transformers_and_vllm(runs):
