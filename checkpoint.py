@@ -30,7 +30,7 @@ kept. A failed save (disk full, ...) is reported and returns False on every rank
     step = checkpoint.load(ckpt, model, optimizer, scheduler)   # weights + AdamW + schedule + RNG
     checkpoint.hf_folder(ckpt)                         # the folder vLLM / eval.py / transformers load
 
-`model` is train.load_policy's FSDP2 model (or any module whose state_dict holds DTensors or plain
+`model` is policy.load_policy's FSDP2 model (or any module whose state_dict holds DTensors or plain
 tensors); every function here that takes it is a collective: all ranks call it, in the same order.
 No paper equation lives here.
 """
@@ -40,6 +40,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
 
 import torch
@@ -49,6 +50,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from tqdm import tqdm
 
+import cli
 import data
 
 KEEP = 2  # the most recent checkpoints kept
@@ -299,3 +301,92 @@ def load(ckpt, model, optimizer, scheduler):
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return meta["step"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The run folder: never overwritten, resumed from its newest checkpoint, saved before a signal stops it
+def prepare_run_folder(out, resume, rank):
+    """Check OUT before anything loads: writable, and holding no run unless `resume` continues it.
+    Returns the checkpoint to resume from (None: a new run)."""
+    ckpt = latest(out)
+    has_metrics = os.path.exists(os.path.join(out, "metrics.jsonl"))
+    if not resume and (ckpt or has_metrics):
+        held = f"checkpoints up to {os.path.basename(ckpt)}" if ckpt else "metrics.jsonl"
+        raise cli.SettingError(f"error: --out {out!r} already holds a run ({held}): add --resume to continue it, "
+                               "or choose another --out (nothing was changed)")
+    if rank == 0:
+        try:
+            os.makedirs(out, exist_ok=True)
+            probe = os.path.join(out, ".write_test")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            raise cli.SettingError(f"error: --out {out!r}: cannot write there ({e.strerror})") from None
+    return ckpt if resume else None
+
+
+class StopRequest:
+    """SIGINT / SIGTERM: finish the current step, save, exit. A second signal stops at once."""
+
+    def __init__(self):
+        self.signum = 0
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signum:  # the second one: stop now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signum = signum
+        if dist.get_rank() == 0:
+            tqdm.write(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                       "(signal again to stop at once)")
+
+    def agreed(self):
+        """The signal any rank received, 0 if none (a collective: all ranks stop at the same step)."""
+        t = torch.tensor([float(self.signum)])
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # collective: one rank's Ctrl-C stops them all after this step
+        return int(t.item())
+
+
+def open_log(out, settings, start, rank, fmt, wandb_project=""):
+    """The metrics log: OUT/metrics.jsonl (on resume: exactly the steps the checkpoint covers), the
+    console (fmt(row): one line) and wandb if asked; writes OUT/config.json (`settings`, the effective
+    ones). Returns log(row, prefix)."""
+    path = os.path.join(out, "metrics.jsonl")
+    wandb_run = None
+    if rank == 0:
+        rows = [json.loads(line) for line in open(path)] if start and os.path.exists(path) else []
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= start)
+        write_json(os.path.join(out, "config.json"), settings)
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("--wandb needs the wandb package: pip install wandb") from None
+            wandb_run = wandb.init(project=wandb_project, config=settings, resume="allow")
+
+    def log(row, prefix=""):
+        if rank == 0:
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if wandb_run:
+                wandb_run.log(row, step=row["step"])
+            tqdm.write(prefix + fmt(row))
+    return log
+
+
+def dump_rollouts(out, step, groups, how_many=4):
+    """A few decoded rollouts with their rewards, OUT/rollouts/step_N.jsonl, for reading what the policy does."""
+    folder = os.path.join(out, "rollouts")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"step_{step:06d}.jsonl"), "w") as f:
+        for p, samples, rewards in groups[:how_many]:
+            for s, r in zip(samples, rewards):
+                f.write(json.dumps({"question": p.get("question") or p["messages"][-1]["content"],
+                                    "answer": p["answer"], "completion": s.text, "reward": r,
+                                    "finish_reason": s.finish_reason}) + "\n")

@@ -11,7 +11,8 @@ configs/arch/ for the presets' hub models, so it works offline) and prints, per 
   - host RAM at load (rank 0 reads the checkpoint), save and resume (checkpoint.py: each rank its shard)
 then whether each phase fits in --gpu-gib and what to change when one does not.
 
-    python train.py --config configs/r1_distill_7b.json --plan [--gpu-gib 80]   (train.py's flags apply)
+    python train.py --config configs/r1_distill_1.5b.json --plan [--gpu-gib 80]    (train.py's flags apply)
+    torchrun --nproc_per_node 8 train.py --config configs/r1_distill_7b.json --plan  (8 processes)
     python plan.py configs/r1_distill_7b.json --world 8 --gpu-gib 80            (this file alone)
 
 The model of memory, per rank (W processes, N parameters, b = bytes of the compute dtype):
@@ -234,6 +235,19 @@ def report(cfg, p, b):
                  f"{p['gpu'] / GIB:.0f}; {100 * HEADROOM:.0f}% kept free){'; to change:' if not fits else ''}")
     lines += ["  " + x for x in p["advice"]]
     return "\n".join(lines)
+
+
+def for_train(cfg, world):
+    """`train.py --plan`: the report for train.py's settings `cfg` on `world` processes (bf16 unless
+    --precision fp32); the model's config.json found by find_config (the embedded model: its cache)."""
+    model = cfg.model or os.path.join(HERE, cfg.tiny_dir)
+    try:
+        with open(find_config(model)) as f:
+            config = json.load(f)
+    except OSError as e:
+        hint = "" if cfg.model else " (run `python train.py` once: it builds the embedded model)"
+        raise SystemExit(f"error: --plan: {e}{hint}") from None
+    return plan(cfg, config, world, cfg.gpu_gib, bf16=cfg.precision != "fp32")["text"]
 
 
 def main(argv=None):

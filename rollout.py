@@ -264,13 +264,6 @@ class VLLMSampler:
             self.llm.sleep(level=2)
             self.asleep = True
 
-    def wake_up(self):
-        """Everything back at once (weights and KV cache) if asleep. Superseded by sync(), which wakes in
-        TRL's order; after a level-2 sleep the weights must be pushed before sampling."""
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
-
     def close(self):
         """Shut the engine down now rather than at interpreter exit, so that another engine can
         start in this process (eval.py, one per architecture). vllm 0.32's teardown
@@ -452,9 +445,6 @@ class HFSampler:
 
     def sleep(self):
         pass  # the HF copy keeps no KV cache between calls
-
-    def wake_up(self):
-        pass
 
     def close(self):
         self.model = None

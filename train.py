@@ -18,9 +18,11 @@ One step = one rollout batch, as numbered stages in `train()`:
                      tokens. Several updates per rollout batch is the default on purpose: with ONE,
                      rho = pi_theta / pi_old = 1 everywhere and MASPO (like every trust-region method)
                      is plain policy gradient.
-  7. sync            push the new weights into the sampler
+  7. sync            push the new weights into the sampler (rollout.py's sync: bf16 tensors gathered one at a
+                     time; on GPUs the engine slept through stages 3-6 and wakes weights first, KV cache last)
   8. log             one line per step (console + OUT/metrics.jsonl), decoded rollouts to OUT/rollouts/
-  9. eval / save     held-out accuracy; atomic checkpoints (HF format + optimizer / scheduler / step)
+  9. eval / save     held-out accuracy; atomic checkpoints (checkpoint.py: the sharded trainer state + an
+                     HF-format export in the compute dtype, which eval.py and vLLM load)
 
 Run it
   laptop (CPU, the embedded default: a tiny Qwen2 model learns arithmetic; ~2 min on 2 cores)
@@ -33,6 +35,8 @@ Run it
       python train.py --config configs/r1_distill_1.5b.json --train-data dapo_math_17k.parquet
       torchrun --nproc_per_node 8 train.py --config configs/r1_distill_7b.json ...
       torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...
+  will it fit? the memory per rank of a config, from the model's config.json alone (plan.py), nothing loaded
+      python train.py --config configs/r1_distill_1.5b.json --plan [--gpu-gib 80]
 `python train.py --help` lists every setting with its paper symbol and default. With no --model the
 embedded default's settings (TINY_PRESET) apply; with --model, the defaults below, meant for 1.5B-7B
 models. Either way the effective settings are printed at start and saved to OUT/config.json.
@@ -54,19 +58,16 @@ Where the loop deviates from the authors' verl set-up (reasons at each place):
   4. A non-finite loss or gradient norm skips that optimizer update (counted in `skipped_updates`).
   5. AdamW with weight decay 0.01 and no warm-up, constant lr: verl's actor defaults.
 """
+import datetime
 import gc
-import json
 import math
 import os
 import random
-import re
-import shutil
 import signal
 import sys
 import textwrap
 import time
 import traceback
-import types
 from contextlib import contextmanager
 import dataclasses
 from dataclasses import asdict, dataclass, field
@@ -75,15 +76,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint
 import cli
 import data
-import logprobs
 import maspo
+import plan
 import rollout
 import tiny
+from checkpoint import StopRequest
 from cli import check
 from eval import context_of, evaluate, scores
 from maspo import LossConfig
+from policy import compute_dtype, dummy_forward, load_policy, load_reference
 
 
 @dataclass
@@ -131,6 +135,9 @@ class Config:
     grad_checkpointing: bool = True  # activation checkpointing (saves GPU memory)
     gpu_memory_utilization: float = 0.4  # share of GPU memory for vLLM (weights + KV cache)
     seed: int = 0  # seeds model building, data order and sampling
+    dist_timeout_min: int = 120  # collective timeout (NCCL and gloo), minutes: ranks wait at barriers while local rank 0 downloads the model (~15 GB for 7B), while a checkpoint is written and held-out results are gathered; NCCL's own 10 would end the run
+    plan: bool = False  # print the memory plan per rank (plan.py, from the model's config.json alone) and exit
+    gpu_gib: float = 80.0  # GPU memory in GiB that --plan plans for
     # --- the embedded tiny model (used only when model is "")
     tiny_dir: str = ".cache/tiny-arith"  # where it is built and cached (relative: to train.py)
     warm_start_steps: int = 1000  # at most this many supervised steps on arithmetic before RL
@@ -143,7 +150,6 @@ TINY_PRESET = dict(train_data="arithmetic", steps=150, prompts_per_step=16, mini
                    lr=1e-4, weight_decay=0.0, max_prompt_tokens=64, max_response_tokens=16, eval_every=25, eval_k=8,
                    eval_temperature=1.0, grad_checkpointing=False)
 ROLLOUTS_EVERY = 10  # dump a few decoded rollouts every N steps
-KEEP_CHECKPOINTS = 2  # the most recent checkpoints kept
 MAX_DROPPED = 0.1  # stop when a larger share of the training prompts is longer than --max-prompt-tokens
 VERIFY_TIMEOUT = 1.0  # seconds per answer check; a timeout scores 0 (and is counted)
 
@@ -188,7 +194,7 @@ def validate(cfg, world):
     check(rollout_batch % cfg.mini_batch_size == 0, "mini_batch_size", cfg.mini_batch_size,
           f"must divide the rollout batch ({cfg.prompts_per_step} prompts x G {cfg.group_size} = {rollout_batch})")
     for name in ("epochs", "max_prompt_tokens", "max_response_tokens", "save_every", "eval_k", "warm_start_steps",
-                 "max_sampling_rounds"):
+                 "max_sampling_rounds", "dist_timeout_min"):
         check(getattr(cfg, name) >= 1, name, getattr(cfg, name), "must be >= 1")
     for name in ("warmup_steps", "eval_every", "eval_limit", "weight_decay", "eval_temperature"):
         check(getattr(cfg, name) >= 0, name, getattr(cfg, name), "must be >= 0")
@@ -205,6 +211,7 @@ def validate(cfg, world):
           "vllm is not installed (README: install) — or use --sampler hf")
     check(cfg.precision in ("auto", "bf16", "fp32"), "precision", cfg.precision, "choose auto, bf16 or fp32")
     check(0 < cfg.gpu_memory_utilization <= 1, "gpu_memory_utilization", cfg.gpu_memory_utilization, "must be in (0, 1]")
+    check(cfg.gpu_gib > 0, "gpu_gib", cfg.gpu_gib, "must be > 0")
     cli.check_model("model", cfg.model)
     for name in ("train_data", "eval_data"):  # a task of your own (--task file:NAME) judges its own sources
         source = getattr(cfg, name)
@@ -214,7 +221,7 @@ def validate(cfg, world):
 
 # ----------------------------------------------------------------------------------------------
 # Distributed set-up: one path for 1 process (plain `python`) and N processes (torchrun)
-def setup_distributed():
+def setup_distributed(timeout_min=Config.dist_timeout_min):
     """Init a process group (a group of one without torchrun), return (rank, world, device)."""
     if "RANK" not in os.environ:  # plain python: a group of one, so FSDP and collectives work unchanged
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
@@ -226,7 +233,7 @@ def setup_distributed():
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -254,27 +261,7 @@ def reduce_sums(sums):
 
 
 # ----------------------------------------------------------------------------------------------
-# Run folder, data, model
-def prepare_run_folder(cfg, rank):
-    """Check OUT before anything loads: writable, and holding no run unless --resume continues it."""
-    latest = latest_checkpoint(cfg.out)
-    has_metrics = os.path.exists(os.path.join(cfg.out, "metrics.jsonl"))
-    if not cfg.resume and (latest or has_metrics):
-        held = f"checkpoints up to {os.path.basename(latest)}" if latest else "metrics.jsonl"
-        raise cli.SettingError(f"error: --out {cfg.out!r} already holds a run ({held}): add --resume to continue it, "
-                               "or choose another --out (nothing was changed)")
-    if rank == 0:
-        try:
-            os.makedirs(cfg.out, exist_ok=True)
-            probe = os.path.join(cfg.out, ".write_test")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
-        except OSError as e:
-            raise cli.SettingError(f"error: --out {cfg.out!r}: cannot write there ({e.strerror})") from None
-    return latest if cfg.resume else None
-
-
+# Data and model
 def load_data(cfg, task, embedded):
     """Training and held-out problems, loaded before any model (a bad file fails in seconds)."""
     keys = (cfg.prompt_key or None, cfg.answer_key or None)
@@ -331,131 +318,12 @@ def check_context(path, cfg):
                          f"(max_position_embeddings in {path}/config.json): lower one of them")
 
 
-def load_policy(path, cfg, device, forward=None):
-    """The policy, FSDP2-sharded (each decoder layer, then the root), float32 master weights.
-
-    Host memory is one model copy per node, not one per rank: every rank builds the model on the
-    meta device (no memory), shards it, allocates only its own shard, and rank 0 alone reads the
-    checkpoint and broadcasts it (torch.distributed.checkpoint's set_model_state_dict with
-    broadcast_from_rank0). The forward returns log-probs, not logits (policy_forward; `forward`
-    replaces it, for bench/gpu_check.py's comparison with the unfused path)."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from transformers import AutoConfig, AutoModelForCausalLM
-    config = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.forward = types.MethodType(forward or policy_forward, model)  # before fully_shard: FSDP hooks wrap it
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable()
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    # bf16 compute, float32 master weights and gradient reductions; log-probs and loss are float32
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    for layer in model.model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    model.to_empty(device=device)
-    for module in model.modules():  # non-persistent buffers (rotary inv_freq) are not in checkpoints
-        if hasattr(module, "inv_freq") and hasattr(module, "config"):
-            fresh = type(module)(module.config)
-            module.inv_freq.copy_(fresh.inv_freq)
-            module.original_inv_freq.copy_(fresh.original_inv_freq)
-    full = {}
-    if dist.get_rank() == 0:
-        for name in sorted(os.listdir(path)):
-            if name.endswith(".safetensors"):
-                full.update(load_file(os.path.join(path, name)))
-        if config.tie_word_embeddings and "lm_head.weight" not in full:
-            full["lm_head.weight"] = full["model.embed_tokens.weight"]  # tied: saved once
-    # collective: rank 0's full tensors are broadcast, each rank keeps its shard
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    del full
-    return model
-
-
-def load_reference(path, cfg, device):
-    """The frozen reference policy pi_ref of the KL term, sharded as the policy, in eval mode (from_config
-    leaves a model in train mode: dropout, where its config has any, would make pi_ref random)."""
-    return load_policy(path, cfg, device).eval()
-
-
-def policy_forward(self, input_ids, attention_mask, temperature, with_entropy=False):
-    """The policy's forward inside FSDP's root forward: token log-probs of the next token at temperature
-    T (B, T-1) and optionally the entropy H_t (B, T-1). lm_head is applied chunk by chunk by
-    logprobs.hidden_logprobs: [B, T, V] logits never exist, forward or backward. It must run inside
-    the root module's forward: lm_head's weight belongs to the root's FSDP shard group, which is
-    gathered only there."""
-    hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, D)
-    logp, H = logprobs.hidden_logprobs(hidden[:, :-1], self.lm_head.weight, input_ids[:, 1:], temperature=temperature,
-                                       with_entropy=with_entropy)  # (B, T-1) each
-    # FSDP hooks the root's outputs for its backward; a view output would warn (in-place ops could skip it)
-    return logp.clone(), (H.clone() if H is not None else None)
-
-
-def full_weights(model):
-    """(name, full tensor) pairs of the sharded model, one at a time (each .full_tensor() is an
-    all-gather: every rank must iterate them in the same order)."""
-    for name, tensor in model.state_dict().items():
-        yield name, (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor)
+full_weights = checkpoint.gathered  # (name, full tensor) one at a time (tests/guards_script.py reads weights so)
 
 
 def lr_factor(update, cfg):
     """Multiplier of cfg.lr at optimizer update `update`: linear warm-up, then constant (verl's default)."""
     return min(1.0, (update + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-def step_folders(root):
-    """The step_NNNNNN folders in `root`, oldest first (a .tmp folder is an interrupted save: never listed)."""
-    return sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d+", d)) if os.path.isdir(root) else []
-
-
-def latest_checkpoint(out):
-    """The newest complete checkpoint folder."""
-    root = os.path.join(out, "checkpoints")
-    done = [d for d in step_folders(root) if os.path.exists(os.path.join(root, d, "trainer_state.pt"))]
-    return os.path.join(root, done[-1]) if done else None
-
-
-def save_checkpoint(cfg, step, model, optimizer, scheduler, tokenizer):
-    """HF-format model + trainer state, written to a temp folder then renamed (atomic). A failed write
-    (disk full, ...) is reported and training goes on; returns whether it was saved (on every rank)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)  # collective: gathers shards on rank 0
-    ok = 1.0
-    if dist.get_rank() == 0:
-        root = os.path.join(cfg.out, "checkpoints")
-        final = os.path.join(root, f"step_{step:06d}")
-        tmp = final + ".tmp"
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp, state_dict=model_sd)
-            tokenizer.save_pretrained(tmp)
-            torch.save({"step": step, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
-                        "rng": torch.get_rng_state(), "config": asdict(cfg)}, os.path.join(tmp, "trainer_state.pt"))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in step_folders(root)[:-KEEP_CHECKPOINTS]:
-                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-        except Exception as e:  # OSError, or the safetensors writer's own error on a full disk
-            shutil.rmtree(tmp, ignore_errors=True)
-            print0(f"checkpoint step {step} NOT saved: {type(e).__name__}: {data.first_line(e)} ({root}); "
-                   "training goes on, the previous checkpoint is intact")
-            ok = 0.0
-    return all_reduce([ok], dist.ReduceOp.MIN)[0] > 0  # also a barrier: nobody reads a half-written checkpoint
-
-
-def load_trainer_state(ckpt, model, optimizer, scheduler):
-    """Optimizer, scheduler and RNG state of a checkpoint (weights were loaded with the model); its step."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    return state["step"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -573,15 +441,6 @@ def old_logprobs(model, batch, cfg, key="old_logp"):
     # FSDP2 keeps the root's parameters (embeddings, lm_head) gathered after a forward, for the
     # backward that usually follows; with no backward here, free them (they are the largest)
     model.reshard()
-
-
-def dummy_forward(model, cfg, device, backward=False):
-    """A zero-weight forward (and backward) on two tokens: keeps FSDP's collectives matched on a rank
-    that has run out of sequences while others have not."""
-    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
-    logp, _ = model(ids, torch.ones_like(ids), cfg.temperature)
-    if backward:
-        (logp.sum() * 0.0).backward()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -764,18 +623,6 @@ def held_out(sampler, tokenizer, problems, cfg, style, stop_ids, task, rank, wor
             "eval_verify_timeouts": sum(t for _, t in everyone)}
 
 
-def dump_rollouts(cfg, step, groups, how_many=4):
-    """A few decoded rollouts with their rewards, for reading what the policy does."""
-    folder = os.path.join(cfg.out, "rollouts")
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"step_{step:06d}.jsonl"), "w") as f:
-        for p, samples, rewards in groups[:how_many]:
-            for s, r in zip(samples, rewards):
-                f.write(json.dumps({"question": p.get("question") or p["messages"][-1]["content"],
-                                    "answer": p["answer"], "completion": s.text, "reward": r,
-                                    "finish_reason": s.finish_reason}) + "\n")
-
-
 def fmt(row):
     """A compact console line of a metrics row."""
     short = {"reward": "R", "zero_signal_frac": "no_signal", "response_len": "len", "entropy": "H",
@@ -786,27 +633,6 @@ def fmt(row):
         if k in short or k.startswith(("avg_at", "pass_at")):
             parts.append(f"{short.get(k, k)} {v:.3g}" if isinstance(v, float) else f"{short.get(k, k)} {v}")
     return " | ".join(parts)
-
-
-class StopRequest:
-    """SIGINT / SIGTERM: finish the current step, save, exit. A second signal stops at once."""
-
-    def __init__(self):
-        self.signum = 0
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.handle)
-
-    def handle(self, signum, frame):
-        if self.signum:  # the second one: stop now
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        self.signum = signum
-        print0(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-               "(signal again to stop at once)")
-
-    def agreed(self):
-        """Whether any rank was signalled (a collective: all ranks stop at the same step)."""
-        return all_reduce([float(self.signum)], dist.ReduceOp.MAX)[0]
 
 
 @contextmanager
@@ -822,8 +648,8 @@ def timed(times, name):
 def train(cfg, run):
     """Set up (settings were validated by parse_args), then the loop; `run` collects the objects that
     the caller shuts down (sampler), so that every exit path closes them once."""
-    rank, world, device = setup_distributed()
-    ckpt = prepare_run_folder(cfg, rank)
+    rank, world, device = setup_distributed(cfg.dist_timeout_min)
+    ckpt = checkpoint.prepare_run_folder(cfg.out, cfg.resume, rank)
     task, embedded = data.get_task(cfg.task), not cfg.model
     problems, eval_problems = load_data(cfg, task, embedded)
     base = (tiny.prepare_tiny_model(cfg.tiny_dir, cfg.warm_start_steps, cfg.seed)
@@ -837,14 +663,15 @@ def train(cfg, run):
     check_enough_problems(problems, cfg)
     print0("settings:", textwrap.fill(" ".join(cli.describe(cfg)), 118, subsequent_indent="  "))
     print0(f"stop tokens: {tokenizer.convert_ids_to_tokens(stop_ids)} | processes: {world} | device: {device}")
-    model = load_policy(ckpt or base, cfg, device)
+    model = load_policy(ckpt or base, cfg, device, weights=not ckpt)  # a resume: checkpoint.load fills the weights
     ref_model = load_reference(base, cfg, device) if cfg.loss.kl_coef > 0 else None  # frozen pi_ref for the KL term
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")  # fused on GPUs: one kernel, no foreach temporaries
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: lr_factor(u, cfg))
-    start = load_trainer_state(ckpt, model, optimizer, scheduler) if ckpt else 0
-    log = open_log(cfg, start, rank)
+    start = checkpoint.load(ckpt, model, optimizer, scheduler) if ckpt else 0  # float32 weights, AdamW, schedule, RNG
+    log = checkpoint.open_log(cfg.out, asdict(cfg), start, rank, fmt, cfg.wandb)
     run["sampler"] = sampler = rollout.make_sampler(
-        ckpt or base, tokenizer, backend=cfg.sampler, max_model_len=cfg.max_prompt_tokens + cfg.max_response_tokens,
+        checkpoint.hf_folder(ckpt) if ckpt else base, tokenizer, backend=cfg.sampler, max_model_len=cfg.max_prompt_tokens + cfg.max_response_tokens,
         seed=cfg.seed + rank, dtype="bfloat16" if device.type == "cuda" else "float32",
         gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=device.type == "cuda")
     evaluate_now = lambda: held_out(sampler, tokenizer, eval_problems, cfg, style, stop_ids, task, rank, world)  # noqa: E731
@@ -867,12 +694,10 @@ def train(cfg, run):
             batch_problems = pick_prompts(problems, step, cfg, rank, world, rounds - 1) if rounds == 1 or short else []
             # ---- 2. sample G completions per prompt, stopping at the end of the turn
             with timed(times, "sample"):
-                sampler.wake_up()
                 samples = sampler.generate([p["ids"] for p in batch_problems], n=cfg.group_size,
                                            max_tokens=cfg.max_response_tokens, temperature=cfg.temperature,
                                            seed=step_seed(cfg, step, rank, stage=2, rnd=rounds - 1),
                                            stop_token_ids=stop_ids) if batch_problems else []
-                sampler.sleep()  # frees the KV cache (GPU) while the policy trains; no-op on CPU
             # ---- 3. verify: reward R in {0, 1}
             with timed(times, "verify"):
                 texts = [s.text for group in samples for s in group]
@@ -888,6 +713,7 @@ def train(cfg, run):
                                       dist.ReduceOp.MAX)
             if not more:
                 break
+        sampler.sleep()  # GPU: its weights and KV cache freed while the policy trains (stage 7 wakes it); CPU: no-op
         kept = [g for g in groups if has_signal(g[2])][:per_rank] if cfg.drop_zero_signal else groups  # surplus dropped
         if capped:
             print0(f"step {step}: --max-sampling-rounds {cfg.max_sampling_rounds} reached with fewer than "
@@ -906,15 +732,14 @@ def train(cfg, run):
         with timed(times, "update"):
             model.train()
             loss_metrics = update_policy(model, optimizer, scheduler, batch, cfg, world, step)
-        # ---- 7. push the new weights into the sampler
+        # ---- 7. push the new weights into the sampler, gathered one tensor at a time in its dtype (TRL's order)
         with timed(times, "sync"):
-            sampler.wake_up()
-            sampler.load_weights(full_weights(model))
+            sampler.sync(checkpoint.gathered(model, sampler.dtype))
         # ---- 8. log: one line per step
         times["step"] = time.time() - t0
         row = step_metrics(step, batch, groups, kept, timeouts, rounds, loss_metrics, times)
         if rank == 0 and step % ROLLOUTS_EVERY == 0:
-            dump_rollouts(cfg, step, groups)
+            checkpoint.dump_rollouts(cfg.out, step, groups)
         # ---- 9. evaluate / checkpoint
         if eval_problems and (step == cfg.steps or cfg.eval_every and step % cfg.eval_every == 0):
             held = evaluate_now()
@@ -924,7 +749,8 @@ def train(cfg, run):
         log(row)
         stopping = stop.agreed()
         if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-            saved = save_checkpoint(cfg, step, model, optimizer, scheduler, tokenizer)
+            saved = checkpoint.save(cfg.out, step, model, optimizer, scheduler, tokenizer,
+                                    dtype=compute_dtype(cfg, device), extra=asdict(cfg))
             if step == cfg.steps and not saved:
                 raise SystemExit(f"error: the final checkpoint (step {step}) could not be written to {cfg.out}")
         if stopping:
@@ -937,40 +763,15 @@ def train(cfg, run):
     return results
 
 
-def open_log(cfg, start, rank):
-    """The metrics log: OUT/metrics.jsonl (on resume: exactly the steps the checkpoint covers), the
-    console, and wandb if asked; writes OUT/config.json (the effective settings). Returns log(row, prefix)."""
-    path = os.path.join(cfg.out, "metrics.jsonl")
-    wandb_run = None
-    if rank == 0:
-        rows = [json.loads(line) for line in open(path)] if start and os.path.exists(path) else []
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= start)
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=2)
-        if cfg.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise SystemExit("--wandb needs the wandb package: pip install wandb") from None
-            wandb_run = wandb.init(project=cfg.wandb, config=asdict(cfg), resume="allow")
-
-    def log(row, prefix=""):
-        if rank == 0:
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if wandb_run:
-                wandb_run.log(row, step=row["step"])
-        print0(prefix + fmt(row))
-    return log
-
-
 def main(argv=None):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars at every load and save
     run = {}
     try:
-        train(parse_args(argv), run)  # every setting checked before anything loads
+        cfg = parse_args(argv)  # every setting checked before anything loads
+        if cfg.plan:  # nothing loads: the model's config.json only
+            return print(plan.for_train(cfg, int(os.environ.get("WORLD_SIZE", "1"))))
+        train(cfg, run)
     except cli.SettingError as e:
         cli.exit_with(e)
     except BaseException:

@@ -94,12 +94,13 @@ def time_update(model_dir, fused, checkpointing, B, T):
 
     import checkpoint
     import maspo
+    import policy
     import train
     rank, world, device = train.setup_distributed()
     cfg = train.cli.build(train.Config, dict(
         model=model_dir, prompts_per_step=1, group_size=B, mini_batch_size=B, micro_batch_tokens=B * T,
         max_prompt_tokens=64, max_response_tokens=T - 64, grad_checkpointing=checkpointing, precision="bf16"))
-    model = train.load_policy(model_dir, cfg, device, forward=None if fused else unfused_forward)
+    model = policy.load_policy(model_dir, cfg, device, forward=None if fused else unfused_forward)
     try:
         # fused AdamW on CUDA, as train.py (no foreach temporaries); the single-tensor loop on CPU
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")

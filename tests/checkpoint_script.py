@@ -1,5 +1,5 @@
 """Helper script for tests/test_checkpoint.py (not collected by pytest): a few AdamW updates of the real
-FSDP2 policy (train.load_policy on a tiny model) with checkpoint.save / checkpoint.load, in 1 process
+FSDP2 policy (policy.load_policy on a tiny model) with checkpoint.save / checkpoint.load, in 1 process
 (plain python) or N (torchrun). Every rank trains on the same fixed batch, so FSDP's average of the
 ranks' gradients is the 1-process gradient and 1-process and 2-process runs can be compared.
 
@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint  # noqa: E402
+import policy  # noqa: E402
 import tiny  # noqa: E402
 import train  # noqa: E402
 
@@ -35,7 +36,7 @@ LR, B, T = 0.01, 4, 12
 
 def make(model_dir, device):
     cfg = train.cli.build(train.Config, dict(model=model_dir, grad_checkpointing=False))
-    model = train.load_policy(model_dir, cfg, device)
+    model = policy.load_policy(model_dir, cfg, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0 / (1 + u))  # its state matters
     return model, optimizer, scheduler

@@ -1,4 +1,4 @@
-"""checkpoint.py on the real FSDP2 policy (train.load_policy) over gloo, with tests/checkpoint_script.py:
+"""checkpoint.py on the real FSDP2 policy (policy.load_policy) over gloo, with tests/checkpoint_script.py:
 a sharded checkpoint resumes exactly on 2 processes and on 1; each rank reads only its own shard of
 the trainer state and wrote only its own; the HF export loads in transformers and in the vLLM CPU
 engine (same weights, greedy output and log-probs); a save killed half-way, or one that fails on

@@ -1,6 +1,6 @@
 """Helper script for tests/test_train.py (not collected by pytest): one rollout batch of fixed
 sequences through train.old_logprobs + train.update_policy, in 1 process (plain python) or N
-(torchrun), with the real FSDP2 model of train.load_policy. Writes the resulting full weights and
+(torchrun), with the real FSDP2 model of policy.load_policy. Writes the resulting full weights and
 the update metrics to OUT (rank 0).
 
     python tests/train_script.py MODEL_DIR OUT.pt MODE
@@ -20,8 +20,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoint  # noqa: E402
 import data  # noqa: E402
 import maspo  # noqa: E402
+import policy  # noqa: E402
 import train  # noqa: E402
 
 N, GROUP, TEMPERATURE = 16, 4, 0.7
@@ -69,7 +71,7 @@ def main(model_dir, out, mode):
         del ref
         train.shutdown({})
         return
-    model = train.load_policy(model_dir, cfg, device)
+    model = policy.load_policy(model_dir, cfg, device)
     cut = {"one": 11, "empty_rank": N}.get(mode, N // 2) if world == 2 else N  # rank 0 holds rows [:cut]
     shard = slice(0, cut) if rank == 0 else slice(cut, N)
     local = {k: v[shard] for k, v in batch.items()}
@@ -88,7 +90,7 @@ def main(model_dir, out, mode):
             return (loss * float("nan") if mode == "nan_all" or len(calls) == 1 else loss), metrics
         maspo.policy_loss = poisoned
     metrics = train.update_policy(model, optimizer, scheduler, local, cfg, world, step=1)
-    weights = {k: v.detach().cpu().clone() for k, v in train.full_weights(model)}
+    weights = {k: v.detach().cpu().clone() for k, v in checkpoint.gathered(model)}
     if rank == 0:
         torch.save({"weights": weights, "metrics": metrics, "old_logp": local["old_logp"]}, out)
     del model, optimizer, scheduler
