@@ -163,8 +163,8 @@ def plan(cfg, config, world=1, gpu_gib=80.0, bf16=True, on_gpu=True):
               "train": CUDA_CONTEXT + train["peak"] + VLLM_ASLEEP,
               "sync": CUDA_CONTEXT + train["resident"] + max(v["weights"] + VLLM_OVERHEAD + largest, v["share"])}
     shard = 12 * a["params"] / world  # float32 weights + AdamW moments of one rank: its checkpoint shard
-    host = {"load (rank 0)": (2 if bf16 else 4) * a["params"], "save (each rank)": shard + largest,
-            "resume (each rank)": shard}
+    host = {"load: rank 0 reads the checkpoint": (2 if bf16 else 4) * a["params"],
+            "save: at most, per rank": shard + largest, "resume: at most, per rank": shard}
     usable = (1 - HEADROOM) * gpu
     out = dict(arch=a, train=train, other=other, vllm=v, phases=phases, host=host, usable=usable, world=world,
                gpu=gpu, advice=advice(a, cfg, train, v, phases, usable, gpu, world, b, on_gpu))
@@ -229,7 +229,8 @@ def report(cfg, p, b):
                        ("sync", "weights woken and pushed, then the KV cache")):
         verdict = "fits" if p["phases"][name] <= p["usable"] else "DOES NOT FIT"
         lines.append(f"  {name:6s} {g(p['phases'][name])}  {verdict:12s} ({what})")
-    lines.append("host RAM: " + " | ".join(f"{k} {g(x).strip()}" for k, x in p["host"].items()))
+    lines.append("host RAM: " + " | ".join(f"{k} {g(x).strip()}" for k, x in p["host"].items()) +
+                 " (checkpoint.py: each rank its own shard, one full parameter at a time)")
     fits = all(x <= p["usable"] for x in p["phases"].values())
     lines.append(f"verdict: {'fits' if fits else 'DOES NOT FIT'} in {p['usable'] / GIB:.0f} GiB per GPU (of "
                  f"{p['gpu'] / GIB:.0f}; {100 * HEADROOM:.0f}% kept free){'; to change:' if not fits else ''}")

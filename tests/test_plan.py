@@ -111,7 +111,7 @@ def test_kv_cache_sharding_and_phases():
     p = plan.plan(cfg, arch_dict(PRESETS["configs/r1_distill_7b.json"]), world=8, gpu_gib=80)
     assert p["phases"]["sample"] == plan.CUDA_CONTEXT + p["train"]["resident"] + v["share"]
     assert p["phases"]["train"] == plan.CUDA_CONTEXT + p["train"]["peak"] + plan.VLLM_ASLEEP
-    assert p["host"]["resume (each rank)"] == 12 * 7_615_616_512 / 8  # its shard of weights + AdamW, no more
+    assert p["host"]["resume: at most, per rank"] == 12 * 7_615_616_512 / 8  # its shard of weights + AdamW, no more
 
 
 def run_plan(*args):
@@ -125,7 +125,7 @@ def test_printed_plan_verdicts_and_advice():
     ok = run_plan("configs/r1_distill_7b.json", "--world", "8", "--gpu-gib", "80")
     assert ok.returncode == 0 and "verdict: fits" in ok.stdout and "DOES NOT FIT" not in ok.stdout
     for section in ("training state", "activations, checkpointing on", "log-prob path", "KV cache",
-                    "sample", "train", "sync", "host RAM: load (rank 0)"):
+                    "sample", "train", "sync", "host RAM: load: rank 0 reads"):
         assert section in ok.stdout, section
     one = run_plan("configs/r1_distill_7b.json", "--world", "1")
     assert "verdict: DOES NOT FIT" in one.stdout and "more GPUs: 2 processes" in one.stdout
