@@ -4,7 +4,7 @@
 # a mutant no test notices is "survived". The run happens in a scratch copy of those files, so the
 # checkout is untouched. mutmut is an optional dev tool, not in the requirements files:
 #     python -m pip install mutmut==3.8.1
-#     bash bench/mutation.sh                   # ~25 min on 2 cores; MUTATION_DIR=dir keeps the copy
+#     bash bench/mutation.sh                   # ~30 min on 2 busy cores; MUTATION_DIR=dir: where the copy goes
 #     cd $MUTATION_DIR && mutmut show NAME     # the diff of one surviving mutant
 # Last result and the equivalent mutants: README.md, "Tests and benchmarks".
 set -euo pipefail
