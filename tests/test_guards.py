@@ -67,7 +67,8 @@ def test_load_data_keeps_held_out_problems_out_of_training(tmp_path):
     for name, part in (("train", rows[:15]), ("test", rows[15:])):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     cfg = train.parse_args(["--model", "org/name", "--train-data", str(tmp_path / "train.jsonl"),
-                            "--eval-data", str(tmp_path / "test.jsonl")])
+                            "--eval-data", str(tmp_path / "test.jsonl"), "--prompts-per-step", "8",
+                            "--mini-batch-size", "16"])
     problems, held = train.load_data(cfg, data.get_task(cfg.task), embedded=False)
     assert [p["answer"] for p in problems] == [str(2 * a) for a in range(15)]
     assert [p["answer"] for p in held] == [str(2 * a) for a in range(15, 20)]
