@@ -180,7 +180,7 @@ def test_resume_restores_the_lr_warm_up(tmp_path_factory, tmp_path):
     step 2's logged lr and weights must equal A's. Planted bug: train.load_trainer_state not
     restoring the scheduler."""
     tiny_dir = str(tmp_path_factory.mktemp("cache") / "tiny")
-    args = [sys.executable, "train.py", "--tiny-dir", tiny_dir, "--warm-start-steps", "30", "--prompts-per-step", "4",
+    args = [sys.executable, "train.py", "--tiny-dir", tiny_dir, "--warm-start-steps", "25", "--prompts-per-step", "4",
             "--group-size", "4", "--mini-batch-size", "8", "--eval-limit", "1", "--eval-k", "1", "--sampler", "hf",
             "--steps", "2", "--save-every", "1", "--warmup-steps", "8", "--lr", "1e-2", "--weight-decay", "1.0"]
     a = run(args + ["--out", str(tmp_path / "a")])
