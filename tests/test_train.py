@@ -372,6 +372,68 @@ def test_run_folder_is_never_overwritten_and_full_disk(tiny_dir, tmp_path):
     assert not [d for d in os.listdir(full / "checkpoints") if d.startswith("step_")]
 
 
+TRACE_SCRIPT = '''
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import rollout, train
+calls, seen = [], {}
+make, setup = rollout.make_sampler, train.setup_distributed
+def make_sampler(*args, **kwargs):  # the real sampler, its stage calls recorded
+    sampler = make(*args, **kwargs)
+    for name in ("generate", "sleep", "sync"):
+        def traced(*a, _real=getattr(sampler, name), _name=name, **kw):
+            calls.append(_name)
+            return _real(*a, **kw)
+        setattr(sampler, name, traced)
+    return sampler
+def setup_distributed(*args):
+    out = setup(*args)
+    seen["timeout_s"] = dist.distributed_c10d._get_default_group()._get_backend(
+        torch.device("cpu")).options._timeout.total_seconds()
+    return out
+rollout.make_sampler, train.setup_distributed = make_sampler, setup_distributed
+try:
+    train.main(sys.argv[3:])
+finally:
+    json.dump({"calls": calls, **seen}, open(sys.argv[2], "w"))
+'''
+
+
+def test_engine_sleeps_once_per_step_and_the_timeout_is_set(tiny_dir, tmp_path):
+    """The loop drives the sampler as a GPU needs it (recorded around the real HF sampler): every
+    sampling round of a step first (dynamic sampling: up to 3 rounds), then ONE sleep, then the sync
+    that wakes it: a sleep between rounds would, at vLLM's level 2, sample from discarded weights.
+    --dist-timeout-min reaches the process group (gloo here, NCCL alike)."""
+    script = tmp_path / "trace.py"
+    script.write_text(TRACE_SCRIPT)
+    out = tmp_path / "run"
+    proc = run([sys.executable, str(script), ROOT, str(tmp_path / "calls.json")] + tiny_run_args(
+        tiny_dir, out, "--steps", "2", "--sampler", "hf", "--eval-every", "0", "--drop-zero-signal",
+        "--max-sampling-rounds", "3", "--dist-timeout-min", "7")[2:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trace = json.loads((tmp_path / "calls.json").read_text())
+    assert trace["timeout_s"] == 7 * 60
+    calls, rounds = trace["calls"], [r["sampling_rounds"] for r in read_metrics(out)[1:]]
+    assert [c for c in calls if c != "generate"] == ["sleep", "sync", "sleep", "sync"]
+    first, second = calls.index("sleep"), len(calls) - 1 - calls[::-1].index("sleep")
+    assert calls[first:first + 2] == calls[second:second + 2] == ["sleep", "sync"]
+    # held-out before RL (greedy + sampled: 2 calls), then step 1's rounds; step 2's rounds alone
+    assert first == 2 + rounds[0] and second - (first + 2) == rounds[1] and max(rounds) > 1, (calls, rounds)
+
+
+def test_plan_prints_the_memory_plan_and_loads_nothing(tmp_path):
+    """--plan: plan.py's report for the settings as given (the preset, the process count torchrun sets,
+    --gpu-gib), then exit: no run folder, no model, no data (the hub names are never fetched)."""
+    args = [sys.executable, "train.py", "--config", "configs/r1_distill_7b.json", "--plan", "--out", str(tmp_path / "run")]
+    fits = subprocess.run(args, cwd=ROOT, env={**ENV, "WORLD_SIZE": "8"}, capture_output=True, text=True, timeout=120)
+    assert fits.returncode == 0, fits.stderr[-2000:]
+    assert "7.62B parameters" in fits.stdout and "8 process(es)" in fits.stdout and "verdict: fits" in fits.stdout
+    small = subprocess.run(args + ["--gpu-gib", "40"], cwd=ROOT, env={**ENV, "WORLD_SIZE": "8"}, capture_output=True,
+                           text=True, timeout=120)
+    assert "DOES NOT FIT in 38 GiB" in small.stdout and "lower --gpu-memory-utilization" in small.stdout
+    assert not (tmp_path / "run").exists() and "sampler backend" not in fits.stdout + small.stdout
+
+
 def test_steps_zero_evaluates_once(tiny_dir, tmp_path):
     proc = run(tiny_run_args(tiny_dir, tmp_path / "run", "--steps", "0", "--sampler", "hf"))
     assert proc.returncode == 0, proc.stderr[-2000:]
