@@ -287,6 +287,8 @@ def warm_start(path, problems, demo, steps, target, seed, lr=WARM_START_LR, styl
                 break
     bar.close()
     model.save_pretrained(path)
+    if target and (acc is None or (step + 1) % WARM_START_CHECK_EVERY):  # the final weights' accuracy, not the last check's
+        acc = train_accuracy()
     if target:
         print(f"warm start: {step + 1} steps, greedy accuracy on 256 train problems {acc:.3f}")
 

@@ -98,3 +98,25 @@ def test_llama3_stand_in_has_no_pad_token_and_ends_turns_at_eot(tmp_path):
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     assert data.end_of_turn_token(tok) == "<|eot_id|>"
     assert data.stop_token_ids(path, tok) == sorted(tok.convert_tokens_to_ids(["<|end_of_text|>", "<|eot_id|>"]))
+
+
+@pytest.mark.parametrize("steps", [3])
+def test_warm_start_reports_the_accuracy_of_its_final_weights(tmp_path, capsys, steps):
+    """Fewer steps than one accuracy check (3; the same code path serves a budget ending between checks): the printed
+    accuracy is the saved model's (recomputed here from the saved weights), not a stale or missing one."""
+    import data
+    path = tiny.build_tiny_model(str(tmp_path / "m"), seed=0)
+    problems = data.arithmetic_problems("train", seed=0)
+    tiny.warm_start(path, problems, data.TASKS["math"].demo, steps=steps, target=0.99, seed=0)
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("warm start:"))
+    assert int(line.split()[2]) == steps, line
+    tok, model = tiny.load_tokenizer(path), AutoModelForCausalLM.from_pretrained(path)
+    hits = 0
+    for p in problems[:256]:  # greedy teacher-forced exact match, as warm_start measures it
+        prompt = data.prompt_ids(tok, p, data.PromptStyle(instruction=""))
+        answer = tok.encode(data.TASKS["math"].demo(p), add_special_tokens=False) + [tok.eos_token_id]
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            pred = model(input_ids=ids).logits[0, len(prompt) - 1:-1].argmax(-1)
+        hits += bool((pred == ids[0, len(prompt):]).all())
+    assert abs(float(line.split()[-1]) - hits / 256) <= 1 / 256, (line, hits)
