@@ -318,7 +318,6 @@ def check_context(path, cfg):
                          f"(max_position_embeddings in {path}/config.json): lower one of them")
 
 
-full_weights = checkpoint.gathered  # (name, full tensor) one at a time (tests/guards_script.py reads weights so)
 
 
 def lr_factor(update, cfg):

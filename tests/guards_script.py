@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import maspo  # noqa: E402
+import checkpoint  # noqa: E402
 import train  # noqa: E402
 
 N, GROUP, TEMPERATURE = 16, 4, 0.7
@@ -62,7 +63,7 @@ def main(model_dir, out, mode):
         optimizer = torch.optim.AdamW(model.parameters(), lr=LR_ADAM, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
     metrics = train.update_policy(model, optimizer, scheduler, local, cfg, world, step=1)
-    weights = {k: v.detach().cpu().clone() for k, v in train.full_weights(model)}
+    weights = {k: v.detach().cpu().clone() for k, v in checkpoint.gathered(model)}
     if rank == 0:
         torch.save({"weights": weights, "metrics": metrics}, out)
     del model, optimizer, scheduler

@@ -177,7 +177,7 @@ def test_resume_restores_the_lr_warm_up(tmp_path_factory, tmp_path):
     it (step 2's checkpoint and log line gone), resumed. With a warm-up of 8 updates (2 per step),
     step 2 runs at lr factors 3/8, 4/8; a scheduler started afresh would run it at 1/8, 2/8. Weight
     decay moves every weight by lr * wd whatever the rewards, so the lr shows in the weights, and
-    step 2's logged lr and weights must equal A's. Planted bug: train.load_trainer_state not
+    step 2's logged lr and weights must equal A's. Planted bug: checkpoint.load not
     restoring the scheduler."""
     tiny_dir = str(tmp_path_factory.mktemp("cache") / "tiny")
     args = [sys.executable, "train.py", "--tiny-dir", tiny_dir, "--warm-start-steps", "25", "--prompts-per-step", "4",
