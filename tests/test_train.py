@@ -496,7 +496,7 @@ def test_misuse_exits_fast_without_traceback(tmp_path):
                    (["--tiny-dir", str(cache)] if cmd[0] == "train.py" else []), timeout=60)
         assert proc.returncode == 2, (cmd, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-        assert time.time() - t < 20, cmd  # a guard: it fails at parse time, seconds on a loaded machine
+        assert time.time() - t < 45, cmd  # a hang guard only (a parse-time failure takes seconds; 23 s seen at load 10)
     assert not cache.exists()
 
 
