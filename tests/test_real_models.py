@@ -111,7 +111,8 @@ def test_checks_before_any_engine_starts(chatty, tmp_path):
     """Each check stops the run with one line (the numbers and the fix), before the model is loaded
     or an engine starts: the context, the share of too-long prompts, a dataset that cannot load."""
     path, train_file = chatty
-    base = ["train.py", "--model", path, "--train-data", train_file, "--sampler", "vllm", "--out"]
+    base = ["train.py", "--model", path, "--train-data", train_file, "--sampler", "vllm",
+            "--prompts-per-step", "8", "--mini-batch-size", "64", "--out"]  # the file holds 8 problems
     cases = [(["--max-prompt-tokens", "400", "--max-response-tokens", "200"],
               "--max-prompt-tokens 400 + --max-response-tokens 200 = 600 > the model's context 512"),
              (["--max-prompt-tokens", "100", "--max-response-tokens", "64"],
@@ -129,6 +130,7 @@ def test_checks_before_any_engine_starts(chatty, tmp_path):
               "reward_model": {"ground_truth": "2"}}  # ~500 tokens
     mixed.write_text("".join(json.dumps(r) + "\n" for r in rows(11) + [longer]))
     proc = run(["train.py", "--model", path, "--train-data", str(mixed), "--max-prompt-tokens", "400", "--steps", "0",
-                "--max-response-tokens", "64", "--sampler", "hf", "--out", str(tmp_path / "ok")], timeout=300)
+                "--max-response-tokens", "64", "--prompts-per-step", "8", "--mini-batch-size", "64", "--sampler", "hf",
+                "--out", str(tmp_path / "ok")], timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "1 (8.3%) longer than --max-prompt-tokens 400 dropped" in proc.stdout + proc.stderr
