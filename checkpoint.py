@@ -144,13 +144,18 @@ def first_error(e):
     return data.first_line(e)
 
 
-def agree(ok):
-    """True on every rank if `ok` holds on every rank (one small all-reduce)."""
-    t = torch.tensor([1.0 if ok else 0.0])
+def all_reduce(values, op=dist.ReduceOp.SUM):
+    """Reduce a list of floats over ranks (one collective for the whole list; on the GPU under NCCL)."""
+    t = torch.tensor(values, dtype=torch.float64)
     if dist.get_backend() == "nccl":
         t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)  # collective: the ranks agree on success
-    return bool(t.item() > 0)
+    dist.all_reduce(t, op=op)
+    return t.cpu().tolist()
+
+
+def agree(ok):
+    """True on every rank if `ok` holds on every rank (collective: the ranks agree on success)."""
+    return all_reduce([1.0 if ok else 0.0], dist.ReduceOp.MIN)[0] > 0
 
 
 def fresh_folder(root, tmp):
@@ -345,11 +350,8 @@ class StopRequest:
 
     def agreed(self):
         """The signal any rank received, 0 if none (a collective: all ranks stop at the same step)."""
-        t = torch.tensor([float(self.signum)])
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # collective: one rank's Ctrl-C stops them all after this step
-        return int(t.item())
+        # collective: one rank's Ctrl-C stops them all after this step
+        return int(all_reduce([float(self.signum)], dist.ReduceOp.MAX)[0])
 
 
 def open_log(out, settings, start, rank, fmt, wandb_project=""):

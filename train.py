@@ -83,7 +83,7 @@ import maspo
 import plan
 import rollout
 import tiny
-from checkpoint import StopRequest
+from checkpoint import StopRequest, all_reduce
 from cli import check
 from eval import context_of, evaluate, scores
 from maspo import LossConfig
@@ -240,15 +240,6 @@ def setup_distributed(timeout_min=Config.dist_timeout_min):
 def print0(*args):
     if not dist.is_initialized() or dist.get_rank() == 0:
         tqdm.write(" ".join(str(a) for a in args))
-
-
-def all_reduce(values, op=dist.ReduceOp.SUM):
-    """Reduce a list of floats over ranks (one collective for the whole list)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=op)
-    return t.cpu().tolist()
 
 
 def reduce_sums(sums):
