@@ -760,8 +760,9 @@ def main(argv=None):
     try:
         cfg = parse_args(argv)  # every setting checked before anything loads
         if cfg.plan:  # nothing loads: the model's config.json only
-            return print(plan.for_train(cfg, int(os.environ.get("WORLD_SIZE", "1"))))
-        train(cfg, run)
+            print(plan.for_train(cfg, int(os.environ.get("WORLD_SIZE", "1"))))
+        else:
+            train(cfg, run)
     except cli.SettingError as e:
         cli.exit_with(e)
     except BaseException:
