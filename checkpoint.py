@@ -30,6 +30,10 @@ kept. A failed save (disk full, ...) is reported and returns False on every rank
     step = checkpoint.load(ckpt, model, optimizer, scheduler)   # weights + AdamW + schedule + RNG
     checkpoint.hf_folder(ckpt)                         # the folder vLLM / eval.py / transformers load
 
+Also the rest of a run's folder and its collectives: prepare_run_folder (never overwrite a run),
+open_log (metrics.jsonl, config.json), dump_rollouts, StopRequest (Ctrl-C: save, then stop) and
+all_reduce (the one float all-reduce train.py and this file use).
+
 `model` is policy.load_policy's FSDP2 model (or any module whose state_dict holds DTensors or plain
 tensors); every function here that takes it is a collective: all ranks call it, in the same order.
 No paper equation lives here.
